@@ -1,0 +1,42 @@
+# fxassets: `make run` builds every effect on the embedded sample faces; `make test` runs the tests.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := False
+export DAGSTER_HOME ?= $(abspath .dagster_home)
+PYTEST_ARGS ?=
+
+.PHONY: setup run test ui bench clean
+
+# The pinned stack (constraints.txt): torch 2.14.1 + torchvision 0.29.1, dvc 3.67.1 and dagster 1.13.28 side by side.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "pip>=25"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[pipeline,test]'
+	@touch $@
+
+setup: $(VENV)/.installed
+
+# Reproduce every effect with DVC (a second run is a no-op), then print the summary table.
+run: setup
+	@test -d .dvc || { git rev-parse --git-dir >/dev/null 2>&1 && dvc init -q || dvc init -q --no-scm; dvc config core.analytics false; }
+	dvc repro
+	@fxassets report
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The Dagster UI on http://127.0.0.1:3000 (same stages, driven through DVC).
+ui: setup
+	@mkdir -p $(DAGSTER_HOME)
+	@test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
+	dagster dev -m orchestration.definitions -h 127.0.0.1 -p 3000
+
+bench: setup
+	fxassets bench
+
+clean:
+	rm -rf data/prompts data/teacher_images data/face_pairs data/student data/mobile

@@ -1,0 +1,42 @@
+"""The `prompts` stage: one record per source face with the effect's prompt, negative prompt and seed.
+
+A sample's seed depends only on the effect seed and the sample id, so adding faces never changes the others."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+from fxassets.atomic import atomic_dir, write_jsonl
+from fxassets.config import EffectConfig, FacesConfig
+from fxassets.sources import list_sources, sha256_file
+
+
+def sample_seed(effect_seed: int, sample_id: str) -> int:
+    return (effect_seed + zlib.crc32(sample_id.encode())) % (2**31)
+
+
+def build_prompts(faces: FacesConfig, effect: EffectConfig, root: Path) -> list[dict[str, Any]]:
+    records = []
+    for src in list_sources(root / faces.source, effect.samples):
+        records.append(
+            {
+                "sample_id": src.sample_id,
+                "source": src.path.relative_to(root).as_posix(),
+                "source_sha256": sha256_file(src.path),
+                "person_id": src.person_id,
+                "attributes": src.attributes,
+                "prompt": effect.prompt,
+                "negative_prompt": effect.negative_prompt,
+                "seed": sample_seed(effect.seed, src.sample_id),
+            }
+        )
+    return records
+
+
+def run_prompts(faces: FacesConfig, effect: EffectConfig, out_dir: Path, root: Path) -> dict[str, Any]:
+    records = build_prompts(faces, effect, root)
+    with atomic_dir(out_dir) as tmp:
+        write_jsonl(tmp / "prompts.jsonl", records)
+    return {"samples": len(records), "people": len({r["person_id"] for r in records})}

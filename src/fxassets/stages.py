@@ -1,0 +1,66 @@
+"""The five stage functions, one per asset: params + effect -> files under data/<stage>/<effect>/ + a summary.
+
+Both drivers call these: `dvc.yaml` through `fxassets stage NAME --effect E`, Dagster through DVC."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fxassets.config import Params
+from fxassets.paths import STAGES, EffectPaths
+
+
+def stage_prompts(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:
+    from fxassets.prompts import run_prompts
+
+    return run_prompts(p.faces, p.effect(effect), paths.prompts_dir, paths.root)
+
+
+def stage_teacher_images(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:
+    from fxassets.teacher_images import run_teacher_images
+    from fxassets.teachers import make_teacher
+
+    teacher = make_teacher(p.teacher, p.effect(effect).teacher)
+    return run_teacher_images(teacher, paths.prompts, paths.teacher_dir, paths.root, progress)
+
+
+def stage_face_pairs(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:
+    from fxassets.face_pairs import run_face_pairs
+
+    return run_face_pairs(p.faces, paths.teacher_dir, paths.pairs_dir, paths.root, progress)
+
+
+def stage_student_checkpoint(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:
+    from fxassets.train import train_student
+
+    p.effect(effect)
+    return train_student(paths.pairs_dir, p.train, paths.checkpoint, paths.train_metrics, paths.train_curve, progress)
+
+
+def stage_mobile_model(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:
+    from fxassets.export import export_mobile
+
+    p.effect(effect)
+    return export_mobile(
+        paths.checkpoint, paths.pairs_dir, p.export, paths.mobile_dir,
+        paths.onnx_fp32, paths.onnx_int8, paths.grid, paths.mobile_report, progress,
+    )
+
+
+STAGE_FUNCS: dict[str, Callable[[Params, str, EffectPaths, bool], dict[str, Any]]] = {
+    "prompts": stage_prompts,
+    "teacher_images": stage_teacher_images,
+    "face_pairs": stage_face_pairs,
+    "student_checkpoint": stage_student_checkpoint,
+    "mobile_model": stage_mobile_model,
+}
+assert tuple(STAGE_FUNCS) == STAGES
+
+
+def run_stage(name: str, params: Params, effect: str, root: Path = Path("."), progress: bool = True) -> dict[str, Any]:
+    if name not in STAGE_FUNCS:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    params.effect(effect)  # fails early, naming the known effects
+    return STAGE_FUNCS[name](params, effect, EffectPaths(Path(root), effect), progress)
