@@ -1,0 +1,83 @@
+"""Shared fixtures: a temporary copy of the project with a tiny params.yaml, and helpers to run its commands."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+BIN = Path(sys.executable).parent
+
+# A tiny pipeline: 5 faces per effect, a few training steps, a short latency run. Minutes, not hours.
+TINY_OVERRIDES = {
+    "effects": {"cartoon": {"samples": 5}, "sketch": {"samples": 5}},
+    "faces": {"holdout_fraction": 0.25},
+    "train": {"steps": 40, "batch_size": 8, "eval_every": 20, "threads": 2},
+    "export": {"calibration_samples": 4, "latency_runs": 5, "grid_samples": 2, "min_parity_db": 20.0},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def project_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["GX_ANALYTICS_ENABLED"] = "False"
+    env["PYTHONPATH"] = str(root)  # orchestration/ is imported from the project root
+    return env
+
+
+def run(root: Path, *cmd: str, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run a command in the project copy; on failure the assertion shows its output."""
+    proc = subprocess.run(cmd, cwd=root, env=project_env(root), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def make_project(dest: Path, overrides: dict | None = None) -> Path:
+    """Copy the project's files (tracked and untracked-but-not-ignored) into `dest`, as a fresh git + DVC repo."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (dest / "params.yaml").write_text(yaml.safe_dump(merge(params, overrides or TINY_OVERRIDES), sort_keys=False))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
+    if not (dest / ".dvc").is_dir():
+        run(dest, "dvc", "init", "-q")
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "test project"], cwd=dest, check=True)
+    return dest
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project on which `dvc repro` has run once (shared by the read-only end-to-end tests)."""
+    root = make_project(tmp_path_factory.mktemp("built") / "project")
+    run(root, "dvc", "repro")
+    return root
