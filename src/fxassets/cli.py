@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=_cmd_report)
 
-    for mod in ("fxassets.detect_cli",):
+    for mod in ("fxassets.detect_cli", "fxassets.apply_cli", "fxassets.bench_cli"):
         try:
             module = __import__(mod, fromlist=["add_parser"])
         except ModuleNotFoundError as exc:  # pragma: no cover - only while a command is being written

@@ -1,0 +1,102 @@
+"""The on-device loop, in Python: find the face, align it, run the student (or the teacher), blend it back.
+
+`EffectRunner.process(frame)` is what a phone does per camera frame; `fxassets apply` and `fxassets bench` use it.
+A frame where no face is found passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from fxassets.config import FacesConfig
+from fxassets.faces import FaceDetector, align_matrix, composite, face_mask, warp_aligned
+
+Engine = Literal["int8", "fp32", "teacher"]
+
+
+@dataclass
+class FrameResult:
+    frame: np.ndarray  # the composited frame (or the input when no face was found)
+    crops: list[np.ndarray] = field(default_factory=list)  # the engine's aligned outputs, one per face
+    faces: int = 0
+    ms: dict[str, float] = field(default_factory=dict)  # detect, align, model, composite, total
+
+
+def onnx_session(path: Path, threads: int = 1):
+    import onnxruntime as ort
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: model not found; build it with `dvc repro` (or `make run`) first")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class EffectRunner:
+    """Per-frame runtime. `engine` "int8" / "fp32" run the ONNX student at `model_path`; "teacher" runs `teacher`
+    on the aligned crop (slow: for comparison). Every face found in a frame is processed."""
+
+    def __init__(self, faces: FacesConfig, engine: Engine, model_path: Path | None = None, teacher=None, threads: int = 1):
+        self.size, self.margin = faces.crop_size, faces.margin
+        self.mask = face_mask(self.size, margin=self.margin)
+        self.engine = engine
+        if engine == "teacher":
+            if teacher is None:
+                raise ValueError("engine 'teacher' needs a teacher")
+            self.teacher = teacher
+        else:
+            self.session = onnx_session(model_path, threads)
+            inp = self.session.get_inputs()[0]
+            self.input_name = inp.name
+            if inp.shape[-1] != self.size:
+                raise ValueError(f"{model_path}: model input is {inp.shape[-1]} px, faces.crop_size is {self.size}")
+        self.detector = FaceDetector(faces.detector, faces.min_score)
+
+    def __enter__(self) -> EffectRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.detector.close()
+
+    def run_crop(self, crop: np.ndarray) -> np.ndarray:
+        """The engine on one aligned RGB uint8 crop -> RGB uint8 crop."""
+        if self.engine == "teacher":
+            return self.teacher.edit(crop, {})
+        x = np.ascontiguousarray(crop.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
+        (y,) = self.session.run(None, {self.input_name: x})
+        return (np.clip(y[0].transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+    def process(self, frame: np.ndarray, blend: bool = True) -> FrameResult:
+        ms: dict[str, float] = {"detect": 0.0, "align": 0.0, "model": 0.0, "composite": 0.0}
+        t0 = time.perf_counter()
+        faces = self.detector.detect(frame)
+        t1 = time.perf_counter()
+        ms["detect"] = (t1 - t0) * 1e3
+        out, crops = frame, []
+        for face in faces:
+            ta = time.perf_counter()
+            M = align_matrix(face, self.size, self.margin)
+            crop = warp_aligned(frame, M, self.size)
+            tb = time.perf_counter()
+            y = self.run_crop(crop)
+            tc = time.perf_counter()
+            if blend:
+                out = composite(out, y, M, self.mask)
+            td = time.perf_counter()
+            ms["align"] += (tb - ta) * 1e3
+            ms["model"] += (tc - tb) * 1e3
+            ms["composite"] += (td - tc) * 1e3
+            crops.append(y)
+        ms["total"] = (time.perf_counter() - t0) * 1e3
+        return FrameResult(out, crops, len(faces), ms)
