@@ -45,13 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=_cmd_report)
 
-    for mod in ("fxassets.detect_cli", "fxassets.apply_cli", "fxassets.bench_cli"):
-        try:
-            module = __import__(mod, fromlist=["add_parser"])
-        except ModuleNotFoundError as exc:  # pragma: no cover - only while a command is being written
-            if exc.name != mod:
-                raise
-            continue
+    from fxassets import apply_cli, bench_cli, detect_cli, generate_sources
+
+    for module in (detect_cli, apply_cli, bench_cli, generate_sources):
         module.add_parser(sub)
     return ap
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -49,13 +49,77 @@ class ClassicalTeacher(_Strict):
     shade_factor: float = Field(0.05, gt=0, le=0.1, description="pencil sketch shading")
 
 
-TeacherConfig = Annotated[Union[ClassicalTeacher], Field(discriminator="kind")]
+class _DiffusersTeacher(_Strict):
+    """What every diffusers teacher shares: where the weights come from, how they run, what changes the output."""
+
+    model: str = Field(min_length=1, description="a local diffusers folder (relative to the project root) or a hub id")
+    revision: str | None = Field(None, description="hub revision (pin a commit sha); ignored for a local folder")
+    variant: str | None = Field(None, description="weight file variant, e.g. 'fp16'")
+    scheduler: str | None = Field(None, description="a diffusers scheduler class name; default: the model's own")
+    steps: int = Field(25, ge=1, le=1000, description="num_inference_steps")
+    guidance_scale: float = Field(7.5, ge=0, le=50, description="classifier-free guidance; <= 1 turns it off")
+    size: int = Field(512, ge=16, le=4096, multiple_of=8, description="working resolution (long side, px)")
+    prompt_template: str = Field("{prompt}", min_length=1, description="'{prompt}' and source attributes ({age}, ...)")
+    batch_size: int = Field(1, ge=1, le=256, description="samples per pipeline call (never changes an output)")
+    device: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="auto: CUDA when present, else CPU")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="auto: fp16 on CUDA, else fp32")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        import string
+
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a valid template: {exc}") from None
+        bad = sorted(n for n in names if not re.fullmatch(r"[a-z_]+", n))
+        if bad:
+            raise ValueError(f"template fields must be plain names like {{prompt}} or {{age}}, got {bad}")
+        return v
+
+
+class Img2ImgTeacher(_DiffusersTeacher):
+    """diffusers `AutoPipelineForImage2Image`: SD 1.5, SD 2.x, SDXL, SD-Turbo, SDXL-Turbo, ..."""
+
+    kind: Literal["img2img"]
+    strength: float = Field(0.6, gt=0, le=1, description="how much of the source is noised away (0..1)")
+
+    @model_validator(mode="after")
+    def _at_least_one_step(self) -> "Img2ImgTeacher":
+        if int(self.steps * self.strength) < 1:
+            raise ValueError(f"steps * strength must be >= 1 (got {self.steps} * {self.strength}): no denoising step would run")
+        return self
+
+
+class InstructPix2PixTeacher(_DiffusersTeacher):
+    """diffusers `StableDiffusionInstructPix2PixPipeline` (SDXL variant by the model's class): the prompt is an edit
+    instruction, e.g. 'turn him into a cartoon'."""
+
+    kind: Literal["instruct-pix2pix"]
+    steps: int = Field(20, ge=1, le=1000, description="num_inference_steps")
+    image_guidance_scale: float = Field(1.5, ge=0, le=50, description="how closely to keep the source image")
+
+
+class Text2ImageTeacher(_DiffusersTeacher):
+    """diffusers `AutoPipelineForText2Image`: generates source portraits (`fxassets generate-sources`); not an
+    editing teacher, so not a valid `teacher:` in params.yaml."""
+
+    kind: Literal["text2image"]
+
+
+TeacherConfig = Annotated[Union[ClassicalTeacher, Img2ImgTeacher, InstructPix2PixTeacher], Field(discriminator="kind")]
+"""The `teacher:` section: one editing teacher for every effect (changing it is a *teacher swap*)."""
+
+DiffusersTeacherConfig = Union[Img2ImgTeacher, InstructPix2PixTeacher, Text2ImageTeacher]
 
 
 class EffectTeacher(_Strict):
     """Per-effect teacher settings (what the effect asks of whichever teacher runs it)."""
 
-    style: Literal["cartoon", "sketch", "color_sketch", "oil", "watercolor"] = "cartoon"
+    style: Literal["cartoon", "sketch", "color_sketch", "oil", "watercolor"] = Field("cartoon", description="classical teacher only")
+    strength: float | None = Field(None, gt=0, le=1, description="img2img: overrides teacher.strength for this effect")
+    guidance_scale: float | None = Field(None, ge=0, le=50, description="diffusers: overrides teacher.guidance_scale")
 
 
 class EffectConfig(_Strict):

@@ -11,6 +11,10 @@ from pathlib import Path
 from fxassets.images import list_images
 
 
+# columns of a manifest.csv carried into the prompt records (generated sources add the skin-tone ones)
+ATTRIBUTES = ("age", "gender", "ethnicity", "skin_tone", "age_group", "skin_group")
+
+
 @dataclass(frozen=True)
 class SourceFace:
     sample_id: str
@@ -51,7 +55,7 @@ def list_sources(folder: str | Path, limit: int = 0) -> list[SourceFace]:
     for p in files:
         row = meta.get(p.name, {})
         person = row.get("person_id") or p.stem
-        attrs = {k: v for k, v in row.items() if k in ("age", "gender", "ethnicity") and v}
+        attrs = {k: v for k, v in row.items() if k in ATTRIBUTES and v}
         out.append(SourceFace(sample_id=p.stem, path=p, person_id=person, attributes=attrs))
     return out
 

@@ -1,20 +1,38 @@
-"""Teachers: the slow, strong models whose edits the student learns. One interface, a registry by `kind`."""
+"""Teachers: the slow, strong models whose edits the student learns. One interface, a registry by `kind`.
+
+- `classical`: OpenCV stylizations (CPU, milliseconds a face).
+- `img2img`, `instruct-pix2pix`: diffusers editing teachers (any local diffusers folder or hub id).
+- `text2image`: a diffusers portrait generator for source faces (`fxassets generate-sources`), not an editor.
+
+Importing this package never imports torch or diffusers; a diffusers teacher loads its model on first use."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fxassets.config import EffectTeacher
-from fxassets.teachers.base import Teacher
+from fxassets.teachers.base import SampleRejected, Teacher
 from fxassets.teachers.classical import ClassicalTeacherImpl
+from fxassets.teachers.diffusers_teachers import Img2ImgTeacherImpl, InstructPix2PixTeacherImpl, Text2ImageTeacherImpl
 
-REGISTRY: dict[str, type[Teacher]] = {"classical": ClassicalTeacherImpl}
+REGISTRY: dict[str, type[Teacher]] = {
+    "classical": ClassicalTeacherImpl,
+    "img2img": Img2ImgTeacherImpl,
+    "instruct-pix2pix": InstructPix2PixTeacherImpl,
+    "text2image": Text2ImageTeacherImpl,
+}
 
 
-def make_teacher(cfg, effect: EffectTeacher) -> Teacher:
+def make_teacher(cfg, effect: EffectTeacher | None = None, root: Path | None = None) -> Teacher:
+    """The teacher for a `teacher:` config (`kind` picks the class) and an effect's per-effect settings."""
     try:
         cls = REGISTRY[cfg.kind]
     except KeyError:
         raise ValueError(f"teacher.kind: unknown teacher {cfg.kind!r}; known: {', '.join(sorted(REGISTRY))}") from None
-    return cls(cfg, effect)
+    teacher = cls(cfg, effect or EffectTeacher())
+    if root is not None:
+        teacher.bind_root(root)
+    return teacher
 
 
-__all__ = ["REGISTRY", "Teacher", "make_teacher"]
+__all__ = ["REGISTRY", "SampleRejected", "Teacher", "make_teacher"]

@@ -1,28 +1,62 @@
-"""The teacher interface."""
+"""The teacher interface.
+
+A teacher edits face photos (`edit` / `edit_batch`) or, for a source generator, makes portraits from prompts
+(`generate_batch`). Its `fingerprint()` names everything that changes its output; it is cheap (no model is loaded)
+so that DVC records, Dagster observations and the per-sample cache can all key on it."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fxassets.config import fingerprint
+from fxassets.images import ImageError
+
+
+class SampleRejected(ImageError):
+    """The teacher ran but refuses this one sample (e.g. a safety checker flagged it); recorded, not raised."""
 
 
 class Teacher(ABC):
-    """Edits one face photo. Subclasses set `kind` and `version` and describe their settings."""
+    """Edits face photos. Subclasses set `kind` and `version` and describe their settings."""
 
     kind: str = ""
     version: str = "1"  # bump when the code changes what the teacher outputs
+    edits: bool = True  # edit() / edit_batch() work
+    generates: bool = False  # generate_batch() works (text-to-image source generators)
+    batch_size: int = 1  # samples per edit_batch() call; never changes an output
+    root: Path = Path(".")  # project root: relative model folders are found under it
 
     @abstractmethod
     def settings(self) -> dict[str, Any]:
         """Everything that changes the output (model, steps, style, ...)."""
 
-    @abstractmethod
     def edit(self, rgb: np.ndarray, record: dict[str, Any]) -> np.ndarray:
         """Return the edited image (RGB uint8, same size as `rgb`) for one prompt record."""
+        raise NotImplementedError(f"the {self.kind!r} teacher does not edit images")
+
+    def edit_batch(self, images: list[np.ndarray], records: list[dict[str, Any]]) -> list[np.ndarray | SampleRejected]:
+        """Edit several samples at once. Each output depends only on its own image and record (seed included),
+        never on the rest of the batch. A refused sample comes back as a `SampleRejected` in its slot."""
+        return [self.edit(img, rec) for img, rec in zip(images, records, strict=True)]
+
+    def generate_batch(self, records: list[dict[str, Any]]) -> list[np.ndarray | SampleRejected]:
+        """Text-to-image: one RGB uint8 image per record (`prompt`, `negative_prompt`, `seed`)."""
+        raise NotImplementedError(f"the {self.kind!r} teacher does not generate images")
+
+    def bind_root(self, root: Path) -> None:
+        """Tell the teacher the project root (stages call this before `fingerprint()`)."""
+        self.root = Path(root)
+
+    def runtime(self) -> dict[str, Any]:
+        """Where and how it runs (device, dtype, library versions): recorded, but not part of the fingerprint."""
+        return {}
+
+    def close(self) -> None:
+        """Free the model, if one was loaded."""
 
     def fingerprint(self) -> dict[str, Any]:
         s = {"kind": self.kind, "version": self.version, **self.settings()}
