@@ -28,14 +28,17 @@ def stage_teacher_images(p: Params, effect: str, paths: EffectPaths, progress: b
 
 def stage_face_pairs(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:
     from fxassets.face_pairs import run_face_pairs
+    from fxassets.gate import quality_for
 
-    return run_face_pairs(p.faces, paths.teacher_dir, paths.pairs_dir, paths.root, progress)
+    return run_face_pairs(p.faces, paths.teacher_dir, paths.pairs_dir, paths.root, progress, quality_for(p, effect))
 
 
 def stage_student_checkpoint(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:
+    from fxassets.gate import require_passed
     from fxassets.train import train_student
 
     p.effect(effect)
+    require_passed(paths.pairs_dir)  # GateError (a ValueError) with the gate's summary when the pair set failed
     return train_student(paths.pairs_dir, p.train, paths.checkpoint, paths.train_metrics, paths.train_curve, progress)
 
 
