@@ -108,7 +108,86 @@ class Text2ImageTeacher(_DiffusersTeacher):
     kind: Literal["text2image"]
 
 
-TeacherConfig = Annotated[Union[ClassicalTeacher, Img2ImgTeacher, InstructPix2PixTeacher], Field(discriminator="kind")]
+class _ApiTeacher(_Strict):
+    """What the teachers behind a paid HTTP API share: where to send, how hard to try, what a run may cost.
+    None of these change an output, so none is in the fingerprint (docs/api_teachers.md)."""
+
+    endpoint: str | None = Field(None, description="API base URL; null: the provider's own (tests point it at 127.0.0.1)")
+    concurrency: int = Field(4, ge=1, le=64, description="requests in flight at once")
+    timeout: float = Field(120.0, gt=0, le=3600, description="seconds to wait for an answer (read timeout)")
+    connect_timeout: float = Field(10.0, gt=0, le=600, description="seconds to wait for a connection")
+    max_retries: int = Field(6, ge=0, le=50, description="retries of a 429 / 5xx / timeout before the run fails")
+    backoff: float = Field(1.0, ge=0, le=600, description="first retry delay (s); doubles each retry, with jitter")
+    max_backoff: float = Field(60.0, ge=0, le=3600, description="cap of one retry delay (a Retry-After is honoured up to 10 min)")
+    price_per_image: float = Field(0.04, ge=0, description="USD a finished image costs (check the provider's price list)")
+    max_cost: float = Field(20.0, ge=0, description="USD a run may spend; a run whose estimate is higher does not start")
+    max_side: int = Field(1024, ge=16, le=4096, description="a source is sent at most this long side (px); output resized back")
+    prompt_template: str = Field("{prompt}", min_length=1, description="'{prompt}' and source attributes ({age}, ...)")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        return _DiffusersTeacher._template_fields(v)
+
+
+class ImagenTeacher(_ApiTeacher):
+    """Google Imagen on Vertex AI (`:predict`): edits with the capability model (the source as a raw reference
+    image, `[1]` in the prompt), portraits for `fxassets generate-sources` with a generation model. Credentials
+    come from the environment only: `token_env`, else Application Default Credentials through google-auth."""
+
+    kind: Literal["imagen"]
+    project: str = Field(min_length=1, description="Google Cloud project id")
+    location: str = Field("us-central1", min_length=1, description="Vertex AI region, or 'global'")
+    model: str = Field("imagen-3.0-capability-001", min_length=1, description="editing model version")
+    generate_model: str = Field("imagen-3.0-generate-002", min_length=1, description="text-to-image model version (generate-sources)")
+    prompt_template: str = Field("Transform the subject in image [1]: {prompt}", min_length=1, description="[1] is the source face")
+    edit_mode: str | None = Field(None, description="parameters.editMode, e.g. EDIT_MODE_DEFAULT; null: instruct customization")
+    base_steps: int | None = Field(None, ge=1, le=200, description="parameters.editConfig.baseSteps")
+    guidance_scale: float | None = Field(None, ge=0, le=100, description="parameters.guidanceScale")
+    negative_prompt: bool = Field(False, description="send the effect's negative prompt (models that take one)")
+    person_generation: Literal["dont_allow", "allow_adult", "allow_all"] = "allow_adult"
+    safety_setting: Literal["block_low_and_above", "block_medium_and_above", "block_only_high", "block_none"] = "block_medium_and_above"
+    add_watermark: bool = Field(False, description="SynthID watermark; Imagen ignores the seed when it is on")
+    aspect_ratio: str = Field("1:1", description="generated portraits (generate-sources)")
+    output_mime_type: Literal["image/png", "image/jpeg"] = "image/png"
+    token_env: str = Field("GOOGLE_OAUTH_ACCESS_TOKEN", min_length=1, description="variable holding an access token; unset: ADC")
+
+
+class OpenAIImagesTeacher(_ApiTeacher):
+    """OpenAI's images API: `POST /images/edits` (multipart, the source as `image`) and `/images/generations`.
+    The API takes no seed: a sample asked for twice differs (the per-sample cache makes sure it is asked once)."""
+
+    kind: Literal["openai-images"]
+    model: str = Field("gpt-image-1", min_length=1, description="model (pin a dated snapshot where there is one)")
+    size: str = Field("1024x1024", pattern=r"^(auto|\d+x\d+)$", description="output size asked for; resized back to the source")
+    quality: str | None = Field("medium", description="gpt-image-1: low | medium | high | auto; dall-e-3: standard | hd")
+    input_fidelity: Literal["low", "high"] | None = Field(None, description="edits, gpt-image-1: how closely to keep the face")
+    moderation: Literal["auto", "low"] | None = Field(None, description="generations, gpt-image-1")
+    price_per_image: float = Field(0.05, ge=0, description="USD per image (gpt-image-1 medium 1024x1024 edit, about)")
+    api_key_env: str = Field("OPENAI_API_KEY", min_length=1, description="variable holding the API key")
+
+
+class LatentEditTeacher(_Strict):
+    """The StyleGAN2 + StyleCLIP generation: a user's generator G (latent -> image, TorchScript or ONNX) and an
+    edit direction d (.npy); source = G(w) (`fxassets generate-sources --from-params`, which writes w beside each
+    image as .npy), target = G(w + strength * d). No photos, no network."""
+
+    kind: Literal["latent-edit"]
+    generator: str = Field(min_length=1, description="G: latent -> image; .onnx, or TorchScript (.pt/.ts/.torchscript)")
+    mapping: str | None = Field(None, description="optional z -> latent network (e.g. StyleGAN's mapping, truncation baked in)")
+    latent_shape: list[int] | None = Field(None, min_length=1, max_length=3, description="e.g. [512] or [14, 512]; read from a static ONNX input")
+    direction: str = Field(min_length=1, description="the edit direction (.npy); '{prompt}' in the path picks one per effect prompt")
+    strength: float = Field(1.0, ge=-100, le=100, description="target = G(w + strength * direction)")
+    output_range: Literal["-1..1", "0..1", "0..255"] = Field("-1..1", description="G's pixel range (StyleGAN: -1..1)")
+    size: int | None = Field(None, ge=16, le=4096, description="resize G's (square) images to this side (px); null: as G makes them")
+    batch_size: int = Field(8, ge=1, le=1024)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+TeacherConfig = Annotated[
+    Union[ClassicalTeacher, Img2ImgTeacher, InstructPix2PixTeacher, ImagenTeacher, OpenAIImagesTeacher, LatentEditTeacher],
+    Field(discriminator="kind"),
+]
 """The `teacher:` section: one editing teacher for every effect (changing it is a *teacher swap*)."""
 
 DiffusersTeacherConfig = Union[Img2ImgTeacher, InstructPix2PixTeacher, Text2ImageTeacher]
@@ -122,12 +201,43 @@ class EffectTeacher(_Strict):
     guidance_scale: float | None = Field(None, ge=0, le=50, description="diffusers: overrides teacher.guidance_scale")
 
 
+class QualityConfig(_Strict):
+    """The pair quality gate (fxassets.gate, docs/quality.md). Row-level bounds reject single pairs with a reason;
+    set-level bounds fail the gate, which blocks training. Distances and drifts are upper bounds, the rest lower."""
+
+    min_source_det_score: float = Field(0.7, ge=0, le=1, description="BlazeFace score of the source photo's face")
+    min_target_det_score: float = Field(0.5, ge=0, le=1, description="BlazeFace score of the face in the teacher's crop")
+    max_landmark_drift: float = Field(0.15, gt=0, description="eyes/nose/mouth moved by the teacher, in eye distances")
+    max_identity_distance: float = Field(0.7, gt=0, description="dlib face descriptor distance source-target (dlib: < 0.6 = same person)")
+    min_source_sharpness: float = Field(250.0, ge=0, description="variance of the Laplacian of the source crop's face")
+    min_sharpness_ratio: float = Field(0.25, ge=0, description="target / source variance of the Laplacian (a blurred teacher output)")
+    min_exposure: float = Field(0.12, ge=0, le=1, description="mean luma (0..1) of the face, source and target")
+    max_exposure: float = Field(0.9, ge=0, le=1)
+    max_source_clipped: float = Field(0.1, ge=0, le=1, description="share of face pixels at 0-2 or 253-255 in the source")
+    max_target_clipped: float = Field(0.6, ge=0, le=1, description="the same in the teacher output (a sketch is mostly paper white)")
+    max_phash_distance: int = Field(4, ge=0, le=64, description="near-duplicate sources: 64-bit perceptual hash distance")
+    min_pass_rate: float = Field(0.8, ge=0, le=1, description="set: share of pairs that pass every check")
+    max_duplicate_share: float = Field(0.0, ge=0, le=1, description="set: share of pairs that near-duplicate an earlier one")
+    min_identity_share: float = Field(0.9, ge=0, le=1, description="set: share of measured pairs within max_identity_distance")
+    balance: bool = Field(False, description="set: require every skin-tone group to hold min_group_share of the kept pairs")
+    min_group_share: float = Field(0.15, ge=0, le=1, description="with balance: the smallest share a skin-tone group may have")
+
+
 class EffectConfig(_Strict):
     prompt: str = Field(min_length=1)
     negative_prompt: str = ""
     samples: int = Field(0, ge=0, description="number of source faces to use; 0 = all")
     seed: int = 0
     teacher: EffectTeacher = EffectTeacher()
+    quality: dict[str, float | bool] = Field(default_factory=dict, description="this effect's overrides of the quality: section")
+
+    @field_validator("quality")
+    @classmethod
+    def _quality_keys(cls, v: dict[str, float | bool]) -> dict[str, float | bool]:
+        unknown = sorted(set(v) - set(QualityConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown quality threshold(s) {unknown}; known: {', '.join(QualityConfig.model_fields)}")
+        return v
 
 
 class TrainConfig(_Strict):
@@ -148,7 +258,7 @@ class TrainConfig(_Strict):
 class ExportConfig(_Strict):
     opset: int = Field(18, ge=17)
     calibration_samples: int = Field(16, ge=1)
-    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "percentile"
     min_parity_db: float = Field(38.0, description="PSNR of int8 against fp32 on held-out pairs")
     latency_runs: int = Field(50, ge=1)
     grid_samples: int = Field(4, ge=1)
@@ -160,6 +270,7 @@ class Params(_Strict):
     effects: dict[str, EffectConfig]
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
+    quality: QualityConfig = QualityConfig()
 
     @field_validator("effects")
     @classmethod
