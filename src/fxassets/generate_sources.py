@@ -8,7 +8,12 @@ The prompts are balanced over age group x gender x skin tone (the 10-point Monk 
 sample i takes the least-used combination, so every prefix of the list is as balanced as it can be and every
 multiple of (ages x genders x skin groups) samples is exactly balanced. Each sample has its own seed (from the base
 seed and its id), and the same resumable per-sample cache as the teacher stage: a killed run resumes where it
-stopped."""
+stopped.
+
+`--from-params` takes the generator from params.yaml's `teacher:` instead: `imagen` (its `generate_model`) or
+`openai-images` (paid: the cost estimate and `max_cost` bound apply), or `latent-edit`, which writes G(w) for each
+seed with its latent w beside it as `gen_00000.npy` (no prompts: the GAN draws its own people) so that the
+`latent-edit` teacher can make the targets G(w + s * d) from the same folder."""
 
 from __future__ import annotations
 
@@ -23,11 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from fxassets.atomic import atomic_dir, write_json, write_jsonl, write_text
-from fxassets.config import Text2ImageTeacher, _Strict
+from fxassets.config import LatentEditTeacher, Text2ImageTeacher, _Strict, load_params
 from fxassets.prompts import sample_seed
 
 # Monk Skin Tone scale (Monk 2019; Google's MST), with words a text encoder understands for each tone.
@@ -125,21 +131,37 @@ def balanced_prompts(spec: SourcesConfig) -> list[dict[str, Any]]:
     return out
 
 
-def generate_sources(gen: Text2ImageTeacher, spec: SourcesConfig, out_dir: Path, root: Path = Path("."), progress: bool = True) -> dict[str, Any]:
-    """Generate the portraits (resuming from the per-sample cache), then write `out_dir` in one atomic step."""
+def latent_records(spec: SourcesConfig) -> list[dict[str, Any]]:
+    """A GAN's sources: one record per seed, each its own person, no prompt."""
+    out = []
+    for i in range(spec.n):
+        sid = f"gen_{i:05d}"
+        out.append({"sample_id": sid, "person_id": sid, "attributes": {}, "prompt": "", "negative_prompt": "", "seed": sample_seed(spec.seed, sid)})
+    return out
+
+
+def generate_sources(gen, spec: SourcesConfig, out_dir: Path, root: Path = Path("."), progress: bool = True) -> dict[str, Any]:
+    """Generate the portraits (resuming from the per-sample cache), then write `out_dir` in one atomic step.
+
+    `gen`: a `Text2ImageTeacher`, or a teacher config whose teacher generates (imagen, openai-images, latent-edit)."""
     from fxassets.teacher_images import SampleCache, compute_samples
     from fxassets.teachers import make_teacher
     from fxassets.teachers.diffusers_teachers import cache_root
 
     t_start = time.perf_counter()
     # the spec's template makes the prompt (with the demographic words); the generator takes it as it is
-    teacher = make_teacher(gen.model_copy(update={"prompt_template": "{prompt}"}), root=root)
-    fp = teacher.fingerprint()
-    records = balanced_prompts(spec)
+    latent = isinstance(gen, LatentEditTeacher)
+    if "prompt_template" in type(gen).model_fields:
+        gen = gen.model_copy(update={"prompt_template": "{prompt}"})
+    teacher = make_teacher(gen, root=root)
+    if not teacher.generates:
+        raise ValueError(f"generate-sources: a {gen.kind!r} teacher does not generate images (imagen, openai-images, latent-edit and text2image do)")
+    fp = teacher.fingerprint("generate")
+    records = latent_records(spec) if latent else balanced_prompts(spec)
     cache = SampleCache(cache_root(root) / "sources")
     keys = [hashlib.sha256(json.dumps([r["prompt"], r["negative_prompt"], r["seed"], fp["hash"]]).encode()).hexdigest() for r in records]
     todo = [(k, r) for k, r in zip(keys, records, strict=True) if cache.get(k) is None]
-    with tqdm(total=len(records), initial=len(records) - len(todo), desc="generate sources", unit="img", disable=not progress) as bar:
+    with teacher.run_session(len(todo)), tqdm(total=len(records), initial=len(records) - len(todo), desc="generate sources", unit="img", disable=not progress) as bar:
         compute_samples(todo, cache, teacher.generate_batch, teacher.batch_size, bar, teacher.runtime)
     fresh = {k for k, _ in todo}
 
@@ -157,8 +179,9 @@ def generate_sources(gen: Text2ImageTeacher, spec: SourcesConfig, out_dir: Path,
                 shutil.copyfile(cache.png(key), tmp / name)
                 row["image"] = name
                 a = rec["attributes"]
-                w.writerow({"file": name, "person_id": rec["person_id"], "age": a["age"], "gender": a["gender"], "skin_tone": a["skin_tone"],
-                            "age_group": a["age_group"], "skin_group": a["skin_group"], "seed": rec["seed"], "prompt": rec["prompt"]})
+                w.writerow({"file": name, "person_id": rec["person_id"], **{k: a.get(k, "") for k in cols[2:7]}, "seed": rec["seed"], "prompt": rec["prompt"]})
+                if latent:  # w beside G(w), for the latent-edit teacher
+                    np.save(tmp / f"{rec['sample_id']}.npy", teacher.latents([rec])[0])
             rows.append(row)
         write_text(tmp / "manifest.csv", manifest.getvalue())
         write_jsonl(tmp / "records.jsonl", rows)
@@ -169,10 +192,15 @@ def generate_sources(gen: Text2ImageTeacher, spec: SourcesConfig, out_dir: Path,
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    gen = Text2ImageTeacher(
-        kind="text2image", model=args.model, revision=args.revision, variant=args.variant, scheduler=args.scheduler,
-        steps=args.steps, guidance_scale=args.guidance, size=args.size, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-    )
+    if args.from_params == bool(args.model):
+        raise ValueError("generate-sources: give --model (a diffusers text-to-image model) or --from-params (params.yaml's teacher), one of them")
+    if args.from_params:
+        gen = load_params(args.params).teacher
+    else:
+        gen = Text2ImageTeacher(
+            kind="text2image", model=args.model, revision=args.revision, variant=args.variant, scheduler=args.scheduler,
+            steps=args.steps, guidance_scale=args.guidance, size=args.size, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        )
     spec_kw: dict[str, Any] = {"n": args.n, "seed": args.seed}
     for name in ("prompt_template", "negative_prompt"):
         if getattr(args, name) is not None:
@@ -192,7 +220,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate-sources", help="generate demographically balanced source portraits with a text-to-image model")
     p.add_argument("--out", required=True, help="output folder (point faces.source at it)")
     p.add_argument("--n", type=int, default=96, help="number of portraits (default 96)")
-    p.add_argument("--model", required=True, help="local diffusers folder or hub id (e.g. models/sd-turbo)")
+    p.add_argument("--model", help="local diffusers folder or hub id (e.g. models/sd-turbo)")
+    p.add_argument("--from-params", action="store_true",
+                   help="use params.yaml's teacher as the generator: imagen (generate_model), openai-images, or latent-edit (G(w), latents saved beside)")
     p.add_argument("--revision", help="hub revision (a commit sha)")
     p.add_argument("--variant", help="weights variant, e.g. fp16")
     p.add_argument("--scheduler", help="diffusers scheduler class name (default: the model's)")

@@ -142,7 +142,8 @@ def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root
         return out
 
     computed = len(todo)
-    with tqdm(total=len(prompts), initial=len(prompts) - computed, desc=f"teacher {fp['kind']}", unit="img", disable=not progress) as bar:
+    # run_session: a teacher behind a paid API checks its cost estimate for the uncached samples before any request
+    with teacher.run_session(computed), tqdm(total=len(prompts), initial=len(prompts) - computed, desc=f"teacher {fp['kind']}", unit="img", disable=not progress) as bar:
         compute_samples(todo, cache, run_batch, teacher.batch_size, bar, teacher.runtime)
     t_teacher = time.perf_counter()
 

@@ -3,8 +3,10 @@
 - `classical`: OpenCV stylizations (CPU, milliseconds a face).
 - `img2img`, `instruct-pix2pix`: diffusers editing teachers (any local diffusers folder or hub id).
 - `text2image`: a diffusers portrait generator for source faces (`fxassets generate-sources`), not an editor.
+- `imagen`, `openai-images`: Google Imagen on Vertex AI and OpenAI's images API (paid, over HTTP; api_teachers.py).
+- `latent-edit`: a GAN generator and a latent edit direction (StyleGAN2 + StyleCLIP), pairs with no photos.
 
-Importing this package never imports torch or diffusers; a diffusers teacher loads its model on first use."""
+Importing this package never imports torch, diffusers or an HTTP client; a teacher loads what it needs on first use."""
 
 from __future__ import annotations
 
@@ -13,13 +15,18 @@ from pathlib import Path
 from fxassets.config import EffectTeacher
 from fxassets.teachers.base import SampleRejected, Teacher
 from fxassets.teachers.classical import ClassicalTeacherImpl
+from fxassets.teachers.api_teachers import ImagenTeacherImpl, OpenAIImagesTeacherImpl
 from fxassets.teachers.diffusers_teachers import Img2ImgTeacherImpl, InstructPix2PixTeacherImpl, Text2ImageTeacherImpl
+from fxassets.teachers.latent_edit import LatentEditTeacherImpl
 
 REGISTRY: dict[str, type[Teacher]] = {
     "classical": ClassicalTeacherImpl,
     "img2img": Img2ImgTeacherImpl,
     "instruct-pix2pix": InstructPix2PixTeacherImpl,
     "text2image": Text2ImageTeacherImpl,
+    "imagen": ImagenTeacherImpl,
+    "openai-images": OpenAIImagesTeacherImpl,
+    "latent-edit": LatentEditTeacherImpl,
 }
 
 

@@ -7,6 +7,8 @@ so that DVC records, Dagster observations and the per-sample cache can all key o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,18 @@ class Teacher(ABC):
     def close(self) -> None:
         """Free the model, if one was loaded."""
 
-    def fingerprint(self) -> dict[str, Any]:
-        s = {"kind": self.kind, "version": self.version, **self.settings()}
+    def generate_settings(self) -> dict[str, Any]:
+        """What changes a generated (text-to-image) portrait; by default the same as `settings()`."""
+        return self.settings()
+
+    @contextmanager
+    def run_session(self, n_uncached: int) -> Iterator[None]:
+        """Wraps one run of `n_uncached` samples that are not cached yet: a teacher behind a paid API estimates
+        the cost here and refuses to start over its bound, and may raise on leaving to stop a run it cut short."""
+        yield
+
+    def fingerprint(self, task: str = "edit") -> dict[str, Any]:
+        """`task`: "edit" (the teacher stage) or "generate" (source portraits, which use `generate_settings()`)."""
+        settings = self.generate_settings() if task == "generate" else self.settings()
+        s = {"kind": self.kind, "version": self.version, **settings}
         return {**s, "hash": fingerprint(s)}
