@@ -30,10 +30,14 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The Dagster UI on http://127.0.0.1:3000 (same stages, driven through DVC).
+# The instance config (orchestration/dagster.yaml: telemetry off, one run per effect at a time) is copied once;
+# `dagster instance migrate` first, so the webserver, daemon and code server don't race to create the database.
+UI_PORT ?= 3000
 ui: setup
 	@mkdir -p $(DAGSTER_HOME)
-	@test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
-	dagster dev -m orchestration.definitions -h 127.0.0.1 -p 3000
+	@test -f $(DAGSTER_HOME)/dagster.yaml || cp orchestration/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	@dagster instance migrate >/dev/null
+	dagster dev -m orchestration.definitions -h 127.0.0.1 -p $(UI_PORT)
 
 bench: setup
 	fxassets bench
