@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from fxassets.config import load_params
 
     params = load_params(args.params)
+    params.effect(args.effect)  # an unknown effect fails first, naming the known ones
     src: Path = args.input
     if not src.exists():
         raise FileNotFoundError(f"{src}: input not found")
