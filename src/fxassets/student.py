@@ -1,0 +1,153 @@
+"""The student: a small UNet that learns one face effect from the teacher's before/after pairs.
+
+Encoder: any timm model with ``features_only=True`` (default MobileNetV3-small, random init), giving features at
+strides 2, 4, 8, 16 and 32.  Decoder: from the deepest feature up to stride 2, each stage upsamples x2, concatenates
+the encoder skip of that scale and mixes with timm inverted-residual (MobileNet) blocks.  Head: at half resolution
+the decoder features meet the input itself, folded to half resolution with ``pixel_unshuffle(2)`` (so every input
+pixel is seen), and a last 1x1 conv makes 12 channels that ``pixel_shuffle(2)`` unfolds into a full-resolution RGB
+change.  Output ``clamp(x + delta, 0, 1)``: the network learns the edit, the identity is free.
+
+Everything is static-shape convs, nearest upsampling, concatenation and pixel (un)shuffle: ONNX-exportable with no
+data-dependent control flow, and the decoder uses ReLU only so that int8 quantization fuses it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.layers import ConvNormAct
+from timm.models._efficientnet_blocks import InvertedResidual
+from torch import nn
+
+from fxassets.atomic import atomic_path
+
+DEFAULT_ENCODER = "mobilenetv3_small_100"
+# decoder channels at strides 16, 8, 4, 2 for width 1.0
+DECODER_CHANNELS = (64, 48, 32, 24)
+FORMAT = "fxassets-student/1"
+
+
+def _ch(c: float) -> int:
+    """Round a channel count to a multiple of 8 (int8/SIMD-friendly), at least 8."""
+    return max(8, int(c + 4) // 8 * 8)
+
+
+class UpStage(nn.Module):
+    """Upsample x2, concatenate the encoder skip, mix with a 1x1 ConvNormAct and inverted-residual blocks."""
+
+    def __init__(self, in_chs: int, skip_chs: int, out_chs: int, blocks: int = 1, exp_ratio: float = 3.0,
+                 act_layer: type[nn.Module] = nn.ReLU, norm_layer: type[nn.Module] = nn.BatchNorm2d):
+        super().__init__()
+        self.fuse = ConvNormAct(in_chs + skip_chs, out_chs, 1, act_layer=act_layer, norm_layer=norm_layer)
+        self.blocks = nn.Sequential(*[
+            InvertedResidual(out_chs, out_chs, dw_kernel_size=3, exp_ratio=exp_ratio,
+                             act_layer=act_layer, norm_layer=norm_layer)
+            for _ in range(blocks)
+        ])
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.blocks(self.fuse(torch.cat([x, skip], dim=1)))
+
+
+class Student(nn.Module):
+    """UNet: timm encoder, inverted-residual decoder with skips, half-resolution head ending in pixel_shuffle(2)."""
+
+    def __init__(self, encoder: str = DEFAULT_ENCODER, width: float = 1.0,
+                 decoder_channels: tuple[int, int, int, int] = DECODER_CHANNELS, blocks: int = 1,
+                 head_blocks: int = 1, exp_ratio: float = 3.0, head_input: str = "unshuffle",
+                 act_layer: type[nn.Module] = nn.ReLU, norm_layer: type[nn.Module] = nn.BatchNorm2d):
+        super().__init__()
+        self.encoder_name = encoder
+        self.width = float(width)
+        self.encoder = timm.create_model(encoder, features_only=True, pretrained=False)
+        info = self.encoder.feature_info
+        reductions = info.reduction()
+        if list(reductions[-4:]) != [4, 8, 16, 32] or reductions[0] != 2 or len(reductions) != 5:
+            raise ValueError(f"encoder {encoder!r}: expected features at strides 2,4,8,16,32, got {reductions}")
+        enc = info.channels()  # strides 2, 4, 8, 16, 32
+        dec = [_ch(c * width) for c in decoder_channels]
+        kw = dict(act_layer=act_layer, norm_layer=norm_layer)
+        up = dict(blocks=blocks, exp_ratio=exp_ratio, **kw)
+        self.bottleneck = ConvNormAct(enc[4], dec[0], 1, **kw)  # stride 32 -> decoder width
+        self.up16 = UpStage(dec[0], enc[3], dec[0], **up)
+        self.up8 = UpStage(dec[0], enc[2], dec[1], **up)
+        self.up4 = UpStage(dec[1], enc[1], dec[2], **up)
+        self.up2 = UpStage(dec[2], enc[0], dec[3], **up)
+        # half-resolution head: decoder features + the input folded 2x2 into channels (12)
+        self.head_input = head_input
+        extra = {"unshuffle": 12, "conv": 12, "none": 0}[head_input]
+        if head_input == "conv":
+            self.fold = nn.Conv2d(3, 12, 2, stride=2)
+        self.head = nn.Sequential(
+            ConvNormAct(dec[3] + extra, dec[3], 3, **kw),
+            *[InvertedResidual(dec[3], dec[3], dw_kernel_size=3, exp_ratio=exp_ratio, **kw) for _ in range(head_blocks)],
+            nn.Conv2d(dec[3], 12, 1, bias=True),
+        )
+        nn.init.zeros_(self.head[-1].weight)  # start as the identity: out == x
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f2, f4, f8, f16, f32 = self.encoder(x)
+        y = self.bottleneck(f32)
+        y = self.up16(y, f16)
+        y = self.up8(y, f8)
+        y = self.up4(y, f4)
+        y = self.up2(y, f2)
+        if self.head_input == "unshuffle":
+            y = torch.cat([y, F.pixel_unshuffle(x, 2)], dim=1)
+        elif self.head_input == "conv":
+            y = torch.cat([y, self.fold(x)], dim=1)
+        y = self.head(y)
+        return torch.clamp(x + F.pixel_shuffle(y, 2), 0.0, 1.0)
+
+
+def build_student(encoder: str = DEFAULT_ENCODER, width: float = 1.0, **kwargs: Any) -> nn.Module:
+    """A fresh (random init) student.  Input and output: N x 3 x H x W RGB in [0, 1], H and W multiples of 32."""
+    return Student(encoder=encoder, width=width, **kwargs)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_student(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> None:
+    """Write the weights (and BN statistics) as safetensors, atomically; `meta` goes into the header."""
+    info = {"format": FORMAT, "encoder": getattr(model, "encoder_name", DEFAULT_ENCODER),
+            "width": getattr(model, "width", 1.0)}
+    info.update(meta)
+    header = {str(k): json.dumps(v, default=str) for k, v in info.items()}  # every value JSON: lossless round trip
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+
+
+def _decode(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:  # written by another tool: keep the raw string
+        return v
+
+
+def load_student(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the student described by the checkpoint's metadata, load its weights, return (model in eval, meta)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such student checkpoint")
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    meta = {k: _decode(v) for k, v in raw.items()}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an fxassets student checkpoint (format={meta.get('format')!r})")
+    model = build_student(str(meta["encoder"]), float(meta["width"]))
+    model.load_state_dict(load_file(str(path)), strict=True)
+    model.eval()
+    return model, meta

@@ -1,0 +1,289 @@
+"""Distillation: train the student on the teacher's aligned pairs and measure it on held-out people.
+
+Reads a `face_pairs` folder (``manifest.parquet`` + ``source/`` and ``target/`` PNG crops), keeps the rows with
+``status == "pass"``, preloads every pair as uint8 tensors, and trains on random ``cfg.crop`` crops (the same window
+in source and target) with horizontal flips.  Loss ``l1_weight * L1 + ssim_weight * (1 - SSIM)``, AdamW, linear
+warm-up then cosine decay.  Training stops after ``cfg.steps`` steps or ``cfg.max_seconds`` seconds (if > 0),
+whichever comes first; the cosine schedule follows whichever of the two is further along, so a time-limited run
+still ends at a low learning rate.  Every ``cfg.eval_every`` steps and at the end the student is evaluated on the
+full-size held-out pairs (PSNR/SSIM against the teacher, beside the unchanged input's scores).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from fxassets.atomic import write_json, write_text
+from fxassets.config import TrainConfig
+from fxassets.images import read_png_rgb
+from fxassets.metrics import image_scores, l1_ssim_loss, quantize
+from fxassets.student import build_student, count_params, save_student
+
+MANIFEST = "manifest.parquet"
+MANIFEST_COLUMNS = ("sample_id", "person_id", "split", "status", "source", "target")
+STRIDE = 32  # the student needs H and W multiples of this
+WARMUP = 0.03  # share of the run spent warming the learning rate up
+WEIGHT_DECAY = 1e-4
+EVAL_BATCH = 4
+CURVE_HEADER = "step,train_loss,heldout_psnr,heldout_ssim"
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class PairSet:
+    """Aligned pairs in memory: uint8 N x 3 x H x W source (student input) and target (teacher output)."""
+
+    source: torch.Tensor
+    target: torch.Tensor
+    ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def read_manifest(pairs_dir: Path) -> pd.DataFrame:
+    """The manifest's passing rows; clear errors for a missing file or missing columns."""
+    path = Path(pairs_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no pairs manifest (run the face_pairs stage first)")
+    df = pd.read_parquet(path)
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks columns {missing}")
+    return df[df["status"] == "pass"].reset_index(drop=True)
+
+
+def load_pairs(pairs_dir: Path, rows: pd.DataFrame) -> PairSet:
+    """Read the rows' source/target PNGs into two uint8 tensors (all crops must share one size)."""
+    pairs_dir = Path(pairs_dir)
+    src, tgt = [], []
+    for r in rows.itertuples(index=False):
+        a = read_png_rgb(pairs_dir / str(r.source))
+        b = read_png_rgb(pairs_dir / str(r.target))
+        if a.shape != b.shape:
+            raise ValueError(f"{pairs_dir}: pair {r.sample_id}: source {a.shape} and target {b.shape} differ in size")
+        if src and a.shape != src[0].shape:
+            raise ValueError(f"{pairs_dir}: pair {r.sample_id}: size {a.shape} differs from {src[0].shape}")
+        src.append(a)
+        tgt.append(b)
+    if not src:
+        return PairSet(torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, 3, 0, 0, dtype=torch.uint8), [])
+
+    def stack(images: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+    return PairSet(stack(src), stack(tgt), [str(s) for s in rows["sample_id"]])
+
+
+def random_batch(pairs: PairSet, batch: int, crop: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` random crop x crop windows (same window in source and target), each flipped left-right half the time."""
+    n, _, h, w = pairs.source.shape
+    idx = torch.randint(0, n, (batch,), generator=gen).tolist()
+    ys = torch.randint(0, h - crop + 1, (batch,), generator=gen).tolist()
+    xs = torch.randint(0, w - crop + 1, (batch,), generator=gen).tolist()
+    flips = torch.rand(batch, generator=gen).lt(0.5).tolist()
+    src, tgt = [], []
+    for i, y, x, f in zip(idx, ys, xs, flips):
+        a = pairs.source[i, :, y : y + crop, x : x + crop]
+        b = pairs.target[i, :, y : y + crop, x : x + crop]
+        if f:
+            a, b = a.flip(-1), b.flip(-1)
+        src.append(a)
+        tgt.append(b)
+    return torch.stack(src).float().div_(255.0), torch.stack(tgt).float().div_(255.0)
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+
+
+def pad_to_stride(x: torch.Tensor, stride: int = STRIDE) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % stride, (-w) % stride
+    return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+
+@torch.no_grad()
+def predict(model: nn.Module, source: torch.Tensor, batch: int = EVAL_BATCH) -> torch.Tensor:
+    """Run the student over uint8 N x 3 x H x W images (any size: padded to a multiple of 32), float [0, 1] out."""
+    was_training = model.training
+    model.eval()
+    out = []
+    h, w = source.shape[-2:]
+    for i in range(0, len(source), batch):
+        x = source[i : i + batch].float().div_(255.0)
+        out.append(model(pad_to_stride(x))[..., :h, :w])
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, pairs: PairSet) -> dict[str, float]:
+    """PSNR / SSIM of the student (output rounded to 8 bits, as saved) against the teacher target."""
+    pred = quantize(predict(model, pairs.source))
+    return image_scores(pred, pairs.target.float() / 255.0)
+
+
+def identity_scores(pairs: PairSet) -> dict[str, float]:
+    """The do-nothing baseline: the unchanged input against the teacher target."""
+    return image_scores(pairs.source.float() / 255.0, pairs.target.float() / 255.0)
+
+
+# ------------------------------------------------------------------------------------------------------- training
+
+
+def lr_factor(progress: float, warmup: float = WARMUP) -> float:
+    """Linear warm-up to 1, then cosine decay to 0, over progress in [0, 1]."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup:
+        return (progress + 1e-3) / (warmup + 1e-3)
+    return 0.5 * (1.0 + math.cos(math.pi * (progress - warmup) / (1.0 - warmup)))
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def load_split(pairs_dir: Path, cfg: TrainConfig) -> tuple[PairSet, PairSet]:
+    """The passing train and held-out pairs of `pairs_dir`, checked against cfg.crop; ValueError naming the manifest."""
+    manifest = Path(pairs_dir) / MANIFEST
+    rows = read_manifest(pairs_dir)
+    train_rows, held_rows = rows[rows["split"] == "train"], rows[rows["split"] == "heldout"]
+    if train_rows.empty:
+        raise ValueError(f"{manifest}: no training pairs (status == 'pass' and split == 'train')")
+    if held_rows.empty:
+        raise ValueError(f"{manifest}: no held-out pairs (status == 'pass' and split == 'heldout')")
+    train, held = load_pairs(pairs_dir, train_rows), load_pairs(pairs_dir, held_rows)
+    h, w = train.source.shape[-2:]
+    if cfg.crop % STRIDE:
+        raise ValueError(f"train.crop = {cfg.crop} must be a multiple of {STRIDE}")
+    if cfg.crop > min(h, w):
+        raise ValueError(f"train.crop = {cfg.crop} is larger than the {w}x{h} pairs in {manifest}")
+    return train, held
+
+
+@dataclass
+class FitResult:
+    scores: dict[str, float]  # final held-out psnr / ssim
+    curve: list[dict[str, float]]  # one row per evaluation: step, train_loss, heldout_psnr, heldout_ssim, seconds
+    steps: int
+    seconds: float  # wall-clock of the training loop, evaluations included
+
+
+def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: torch.Generator,
+        progress: bool = False) -> FitResult:
+    """The training loop: steps until cfg.steps or cfg.max_seconds, evaluating every cfg.eval_every and at the end."""
+    model.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
+    curve: list[dict[str, float]] = []
+    losses: list[float] = []
+    step = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, desc="train student", unit="step", disable=not progress, leave=False)
+
+    def record() -> None:
+        scores = evaluate(model, held)
+        mean_loss = float(np.mean(losses)) if losses else float("nan")
+        curve.append({"step": step, "train_loss": mean_loss, "heldout_psnr": scores["psnr"],
+                      "heldout_ssim": scores["ssim"], "seconds": time.perf_counter() - t0})
+        losses.clear()
+        bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{scores['psnr']:.2f}")
+
+    while step < cfg.steps:
+        elapsed = time.perf_counter() - t0
+        if cfg.max_seconds > 0 and elapsed >= cfg.max_seconds and step > 0:  # at least one step
+            break
+        done = step / cfg.steps
+        if cfg.max_seconds > 0:
+            done = max(done, elapsed / cfg.max_seconds)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(done)
+        src, tgt = random_batch(train, cfg.batch_size, cfg.crop, gen)
+        out = model(src.contiguous(memory_format=torch.channels_last))
+        loss = l1_ssim_loss(out, tgt, cfg.l1_weight, cfg.ssim_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        if step % cfg.eval_every == 0 and step < cfg.steps:
+            record()
+    seconds = time.perf_counter() - t0
+    if not curve or curve[-1]["step"] != step:
+        record()
+    bar.close()
+    model.to(memory_format=torch.contiguous_format).eval()
+    last = curve[-1]
+    return FitResult({"psnr": last["heldout_psnr"], "ssim": last["heldout_ssim"]}, curve, step, seconds)
+
+
+def curve_csv(curve: list[dict[str, float]]) -> str:
+    rows = [CURVE_HEADER] + [
+        f"{int(r['step'])},{r['train_loss']:.6f},{r['heldout_psnr']:.4f},{r['heldout_ssim']:.5f}" for r in curve
+    ]
+    return "\n".join(rows) + "\n"
+
+
+def train_student(
+    pairs_dir: Path,
+    cfg: TrainConfig,
+    checkpoint: Path,
+    metrics_path: Path,
+    curve_path: Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Distil the pairs in `pairs_dir` into a student; write checkpoint, metrics JSON and curve CSV; return metrics."""
+    pairs_dir = Path(pairs_dir)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        train, held = load_split(pairs_dir, cfg)
+        gen = seed_everything(cfg.seed)
+        model = build_student(cfg.encoder, cfg.width)
+        baseline = identity_scores(held)
+        result = fit(model, train, held, cfg, gen, progress=progress)
+        h, w = held.source.shape[-2:]
+        metrics: dict[str, Any] = {
+            "heldout_psnr": round(result.scores["psnr"], 4),
+            "heldout_ssim": round(result.scores["ssim"], 5),
+            "identity_psnr": round(baseline["psnr"], 4),
+            "identity_ssim": round(baseline["ssim"], 5),
+            "steps": result.steps,
+            "train_seconds": round(result.seconds, 2),
+            "params": count_params(model),
+            "encoder": cfg.encoder,
+            "width": cfg.width,
+            "train_pairs": len(train),
+            "heldout_pairs": len(held),
+        }
+        meta = {
+            "encoder": cfg.encoder,
+            "width": cfg.width,
+            "crop_size": [int(h), int(w)],
+            "train": cfg.model_dump(mode="json"),
+            "metrics": metrics,
+            "input": "N x 3 x H x W float RGB in [0, 1], H and W multiples of 32",
+        }
+        save_student(model, checkpoint, meta)
+        write_json(metrics_path, metrics)
+        write_text(curve_path, curve_csv(result.curve))
+        return metrics
+    finally:
+        torch.set_num_threads(threads_before)

@@ -1,0 +1,191 @@
+"""The student model and its distillation training, on tiny synthetic pairs (seconds, one core)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors import safe_open
+
+from fxassets.config import TrainConfig
+from fxassets.images import write_png
+from fxassets.student import build_student, count_params, load_student, save_student
+from fxassets.train import CURVE_HEADER, lr_factor, train_student
+
+H, W = 72, 80  # not multiples of 32: evaluation pads the full-size held-out crops
+
+
+def colour_shift(rgb: np.ndarray) -> np.ndarray:
+    """An easy teacher: darker, warmer."""
+    out = rgb.astype(np.float32) * 0.8 + np.array([30.0, 10.0, -20.0], dtype=np.float32)
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def smooth_image(rng: np.random.Generator) -> np.ndarray:
+    """Random blobs and a few hard edges, HxWx3 uint8."""
+    low = rng.uniform(0, 255, size=(6, 6, 3)).astype(np.float32)
+    img = cv2.resize(low, (W, H), interpolation=cv2.INTER_CUBIC)
+    x0, y0 = rng.integers(0, W // 2), rng.integers(0, H // 2)
+    img[y0 : y0 + H // 3, x0 : x0 + W // 3] = rng.uniform(0, 255, size=3)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_pairs(folder: Path, n_train: int = 8, n_held: int = 3, teacher=colour_shift, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_train + n_held):
+        sid = f"face_{i:03d}"
+        src = smooth_image(rng)
+        write_png(folder / "source" / f"{sid}.png", src)
+        write_png(folder / "target" / f"{sid}.png", teacher(src))
+        rows.append({"sample_id": sid, "person_id": f"p{i}", "split": "train" if i < n_train else "heldout",
+                     "status": "pass", "reason": "", "source": f"source/{sid}.png", "target": f"target/{sid}.png"})
+    # rejected rows have no crops: training must skip them
+    rows.append({"sample_id": "face_bad", "person_id": "pbad", "split": "train", "status": "reject",
+                 "reason": "no face", "source": "", "target": ""})
+    pd.DataFrame(rows).to_parquet(folder / "manifest.parquet", index=False)
+    return folder
+
+
+def tiny_cfg(**kw) -> TrainConfig:
+    base = dict(steps=5, batch_size=4, crop=64, lr=3e-3, eval_every=2, seed=0, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def run(pairs: Path, out: Path, cfg: TrainConfig) -> dict:
+    return train_student(pairs, cfg, out / "student.safetensors", out / "metrics.json", out / "curve.csv",
+                         progress=False)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    return make_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.fixture(scope="module")
+def trained(pairs, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("student")
+    return out, run(pairs, out, tiny_cfg())
+
+
+def test_model_shape_range_and_identity_start():
+    torch.manual_seed(0)
+    model = build_student().eval()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == x.shape
+    assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+    # the last layer starts at zero: a fresh student is the identity
+    assert torch.equal(y, x)
+    assert 0.5e6 < count_params(model) < 3e6
+
+
+def test_width_changes_decoder():
+    assert count_params(build_student(width=0.5)) < count_params(build_student(width=1.0))
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(1)
+    model = build_student(width=0.5)
+    with torch.no_grad():  # perturb so the head is not zero
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    path = tmp_path / "s.safetensors"
+    save_student(model, path, {"crop_size": [64, 64], "note": "x"})
+    loaded, meta = load_student(path)
+    assert not loaded.training
+    assert meta["width"] == 0.5 and meta["encoder"] == "mobilenetv3_small_100" and meta["crop_size"] == [64, 64]
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert not list(tmp_path.glob(".*tmp"))  # atomic: no temp left behind
+
+
+def test_training_writes_outputs(trained):
+    out, metrics = trained
+    keys = {"heldout_psnr", "heldout_ssim", "identity_psnr", "identity_ssim", "steps", "train_seconds", "params",
+            "encoder", "width", "train_pairs", "heldout_pairs"}
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert keys <= set(on_disk) and on_disk == metrics
+    for k in ("heldout_psnr", "heldout_ssim", "identity_psnr", "identity_ssim", "train_seconds"):
+        assert math.isfinite(metrics[k])
+    assert metrics["steps"] == 5 and metrics["train_pairs"] == 8 and metrics["heldout_pairs"] == 3
+    lines = (out / "curve.csv").read_text().splitlines()
+    assert lines[0] == CURVE_HEADER
+    rows = list(csv.DictReader(lines))
+    assert [int(r["step"]) for r in rows] == [2, 4, 5]
+    assert all(math.isfinite(float(r[k])) for r in rows for k in ("train_loss", "heldout_psnr", "heldout_ssim"))
+    assert float(rows[-1]["heldout_psnr"]) == pytest.approx(metrics["heldout_psnr"], abs=1e-3)
+    with safe_open(str(out / "student.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["crop_size"]) == [H, W]
+
+
+def test_checkpoint_loads_and_runs(trained):
+    out, _ = trained
+    model, meta = load_student(out / "student.safetensors")
+    assert meta["metrics"]["steps"] == 5
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+
+
+def test_same_seed_same_weights(pairs, tmp_path):
+    a = run(pairs, tmp_path / "a", tiny_cfg(steps=3, eval_every=100))
+    b = run(pairs, tmp_path / "b", tiny_cfg(steps=3, eval_every=100))
+    assert a["heldout_psnr"] == b["heldout_psnr"]
+    with safe_open(str(tmp_path / "a" / "student.safetensors"), framework="pt") as fa, \
+            safe_open(str(tmp_path / "b" / "student.safetensors"), framework="pt") as fb:
+        assert set(fa.keys()) == set(fb.keys())
+        for k in fa.keys():
+            assert torch.equal(fa.get_tensor(k), fb.get_tensor(k)), k
+
+
+def test_time_budget_stops_early(pairs, tmp_path):
+    metrics = run(pairs, tmp_path, tiny_cfg(steps=100_000, max_seconds=1.0, eval_every=1000))
+    assert 1 <= metrics["steps"] < 100_000
+    assert metrics["train_seconds"] < 30
+
+
+def test_learns_an_easy_teacher(pairs, tmp_path):
+    metrics = run(pairs, tmp_path, tiny_cfg(steps=60, batch_size=8, eval_every=1000))
+    assert metrics["heldout_psnr"] > metrics["identity_psnr"] + 3.0, metrics
+    assert metrics["heldout_ssim"] > metrics["identity_ssim"], metrics
+
+
+@pytest.mark.parametrize("missing", ["train", "heldout"])
+def test_no_pairs_in_a_split(tmp_path, missing):
+    folder = make_pairs(tmp_path / "pairs", n_train=2, n_held=2)
+    df = pd.read_parquet(folder / "manifest.parquet")
+    df.loc[df["split"] == missing, "status"] = "reject"
+    df.to_parquet(folder / "manifest.parquet", index=False)
+    with pytest.raises(ValueError, match=r"manifest\.parquet.*" + ("training" if missing == "train" else "held-out")):
+        run(folder, tmp_path / "out", tiny_cfg())
+    assert not (tmp_path / "out" / "student.safetensors").exists()
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.parquet"):
+        run(tmp_path, tmp_path / "out", tiny_cfg())
+
+
+def test_crop_larger_than_pairs(pairs, tmp_path):
+    with pytest.raises(ValueError, match="train.crop"):
+        run(pairs, tmp_path, tiny_cfg(crop=128))
+
+
+def test_lr_schedule_warms_up_and_decays():
+    assert lr_factor(0.0) < 0.1
+    assert lr_factor(0.03) == pytest.approx(1.0)
+    assert 0.4 < lr_factor(0.5) < 0.6
+    assert lr_factor(1.0) == pytest.approx(0.0, abs=1e-9)
