@@ -3,6 +3,7 @@
     python benchmarks/bench_export.py                                  # fresh untrained student, 256x256
     python benchmarks/bench_export.py --checkpoint data/student/cartoon/student.safetensors \
         --pairs data/face_pairs/cartoon --exclude none se hard --json bench.json
+    python benchmarks/bench_export.py --checkpoint ... --pairs ... --method minmax --fallback 38 --ort
 
 Every model is timed in the same process, side by side (the models take turns in blocks, so load from other
 processes hits them alike), median of --runs runs after --warmup runs.  Without --pairs the int8 models are
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--percentile", type=float, default=None, help="percentile of --method percentile")
     ap.add_argument("--exclude", nargs="+", default=["none"], choices=["none", "se", "hard"],
                     help="int8 variants to build and time (nodes kept in float, see export.excluded_nodes)")
+    ap.add_argument("--fallback", type=float, metavar="DB",
+                    help="also build int8_fallback: quantize_with_fallback with this parity gate (on the eval crops)")
+    ap.add_argument("--ort", action="store_true", help="also time the plain int8 model converted to .ort")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=20)
@@ -66,7 +70,15 @@ def main(argv: list[str] | None = None) -> dict:
     import onnxruntime as ort
     import torch
 
-    from fxassets.export import export_onnx, latency_compare, psnr, quantize_int8, to_input
+    from fxassets.export import (
+        convert_to_ort,
+        export_onnx,
+        latency_compare,
+        psnr,
+        quantize_int8,
+        quantize_with_fallback,
+        to_input,
+    )
 
     if args.checkpoint:
         from fxassets.student import load_student
@@ -114,6 +126,30 @@ def main(argv: list[str] | None = None) -> dict:
                           "excluded_nodes": q["excluded_nodes"], "quantize_nodes": q["ops"].get("QuantizeLinear", 0),
                           "parity_psnr_db": float(np.mean(parity)), "parity_min_psnr_db": float(np.min(parity))}
         print(f"  {name}: {q['quantize_s']:.1f} s to quantize, parity {np.mean(parity):.1f} dB", file=sys.stderr)
+
+    def parity_of(path: Path) -> list[float]:
+        s8 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return [psnr(s8.run(None, {"image": to_input(im)})[0], r) for im, r in zip(evals, ref)]
+
+    if args.fallback is not None:
+        path = work / "student.int8_fallback.onnx"
+        q, fb = quantize_with_fallback(fp32, path, [to_input(c) for c in calib], lambda p: np.mean(parity_of(p)),
+                                       args.fallback, method=args.method,
+                                       **({"percentile": args.percentile} if args.percentile else {}))
+        parity = parity_of(path)
+        paths["int8_fallback"] = path
+        variants["int8_fallback"] = {
+            "bytes": q["bytes"], "nodes": sum(q["ops"].values()), "excluded_nodes": len(fb["nodes_in_float"]),
+            "quantize_nodes": q["ops"].get("QuantizeLinear", 0), "parity_psnr_db": float(np.mean(parity)),
+            "parity_min_psnr_db": float(np.min(parity)), "fallback": fb}
+        print(f"  int8_fallback: {q['quantize_s']:.1f} s, rounds {[r.get('parity_psnr_db') for r in fb['rounds']]}, "
+              f"in float: {fb['nodes_in_float']}", file=sys.stderr)
+    if args.ort and "int8" in paths:
+        conv = convert_to_ort(paths["int8"], work / "student.int8.ort")
+        paths["int8_ort"] = Path(conv["path"])
+        parity = parity_of(paths["int8_ort"])
+        variants["int8_ort"] = {"bytes": conv["bytes"], "nodes": None, "parity_psnr_db": float(np.mean(parity)),
+                                "parity_min_psnr_db": float(np.min(parity))}
 
     for threads in args.threads:
         ms = latency_compare(paths, threads=threads, runs=args.runs, warmup=args.warmup)

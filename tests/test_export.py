@@ -40,6 +40,27 @@ class StandIn(nn.Module):
         return torch.clamp(x + torch.nn.functional.pixel_shuffle(self.dec(y), 2), 0.0, 1.0)
 
 
+class WideNarrow(nn.Module):
+    """Two branches concatenated: A with a huge range (x1000), B with a small one; a 1x1 conv mixes them, scaling A
+    back down.  One uint8 range for the Concat rounds B to nothing (minmax parity < 20 dB); keeping the Concat and
+    its reader in float restores it (> 50 dB): the case the float fallback is for."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 8, 3, 1, 1)
+        self.b = nn.Conv2d(3, 8, 3, 1, 1)
+        self.mix = nn.Conv2d(16, 3, 1)
+        with torch.no_grad():
+            self.a.weight.mul_(1000.0)
+            self.a.bias.mul_(1000.0)
+            self.mix.weight[:, :8].mul_(1e-4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.a(x), torch.relu(self.b(x))], 1)
+        return torch.clamp(x + self.mix(y), 0.0, 1.0)
+
+
 def standin() -> nn.Module:
     torch.manual_seed(0)
     m = StandIn()
@@ -92,6 +113,24 @@ def patched_student(monkeypatch, tmp_path):
     ckpt = tmp_path / "student.safetensors"
     ckpt.write_bytes(b"placeholder")
     return ckpt
+
+
+@pytest.fixture
+def patched_wide_narrow(monkeypatch, tmp_path):
+    import fxassets.student as student
+
+    monkeypatch.setattr(student, "load_student",
+                        lambda path: (WideNarrow().eval(), {"encoder": "wide-narrow", "width": 1.0}))
+    ckpt = tmp_path / "student.safetensors"
+    ckpt.write_bytes(b"placeholder")
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def wide_narrow(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wn") / "wn.onnx"
+    export_onnx(WideNarrow().eval(), path, size=SIZE)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +225,99 @@ def test_quantize_exclusions_keep_se_and_hard_ops_float(fp32_model, tmp_path):
         quantize_int8(path, tmp_path / "x.onnx", _inputs(1, 2), exclude="all")
 
 
+class Flat(nn.Module):
+    """An activation pinned at 0.5 give or take a few float32 steps (like an untrained squeeze-excite gate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            self.c.weight.fill_(1e-7)
+            self.c.bias.fill_(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x + 1e-3 * self.c(x), 0.0, 1.0)
+
+
+def test_percentile_falls_back_to_minmax_when_a_range_cannot_be_binned(tmp_path):
+    path = tmp_path / "flat.onnx"
+    export_onnx(Flat().eval(), path, size=32)
+    calibration = [ex.to_input(_image(np.random.default_rng(i), 32)) for i in range(2)]
+    info = quantize_int8(path, tmp_path / "q.onnx", calibration, method="percentile")
+    assert info["method_requested"] == "percentile" and info["method"] == "minmax" and info["percentile"] is None
+
+
+def test_quantize_nodes_to_exclude(fp32_model, tmp_path):
+    path, _ = fp32_model
+    pre = tmp_path / "pre.onnx"
+    assert ex.preprocess_for_quant(path, pre)
+    convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"]
+    base = quantize_int8(pre, tmp_path / "a.onnx", _inputs(2, 2), preprocess=False)
+    info = quantize_int8(pre, tmp_path / "b.onnx", _inputs(2, 2), nodes_to_exclude=convs[-1:], preprocess=False)
+    assert info["nodes_to_exclude"] == convs[-1:] and info["excluded_nodes"] == 1
+    assert info["ops"]["QuantizeLinear"] < base["ops"]["QuantizeLinear"]
+    with pytest.raises(ValueError, match="not in"):
+        quantize_int8(pre, tmp_path / "c.onnx", _inputs(1, 2), nodes_to_exclude=["no_such_node"], preprocess=False)
+
+
+def _parity_fn(fp32: Path, inputs: list[np.ndarray]):
+    s32 = _sess(fp32)
+    ref = [s32.run(None, {"image": x})[0] for x in inputs]
+
+    def parity(path: Path) -> float:
+        s = _sess(path)
+        return float(np.mean([psnr(s.run(None, {"image": x})[0], r) for x, r in zip(inputs, ref)]))
+
+    return parity
+
+
+def test_activation_sensitivity_finds_the_shared_concat_range(wide_narrow, tmp_path):
+    """qdq_loss_debug: the Concat's plain SQNR looks fine (the wide branch carries the norm); weighted by what the
+    mixing conv reads, it is ~0 dB and ranks first; a Relu the quantizer folded away is not mistaken for error."""
+    pre = tmp_path / "pre.onnx"
+    assert ex.preprocess_for_quant(wide_narrow, pre)
+    int8 = tmp_path / "q.onnx"
+    quantize_int8(pre, int8, _inputs(4, 2), method="minmax", preprocess=False)
+    rows = ex.activation_sensitivity(pre, int8, _inputs(2, 2))
+    worst = rows[0]
+    assert worst["tensor"] == "cat" and worst["score_db"] < 10.0 and worst["qdq_err_db"] > 40.0
+    assert "node_cat" in worst["nodes"] and any("conv" in n for n in worst["nodes"])
+    assert all(r["score_db"] > 20.0 for r in rows if r["tensor"] == "relu")
+
+
+def test_float_fallback_restores_parity(wide_narrow, tmp_path):
+    cal, ev = _inputs(6, 2), _inputs(3, 3)
+    parity = _parity_fn(wide_narrow, ev)
+    int8 = tmp_path / "q.onnx"
+    q, rec = ex.quantize_with_fallback(wide_narrow, int8, cal, parity, 38.0, method="minmax", max_rounds=3)
+    r0, r1 = rec["rounds"][0], rec["rounds"][1]
+    assert r0["parity_psnr_db"] < 25.0  # plain int8: the narrow branch is rounded away
+    assert r1["tried"][0]["tensor"] == "cat" and "node_cat" in r1["nodes_added"]  # ranked first; its region won
+    assert r1["parity_psnr_db"] >= 38.0 and len(rec["rounds"]) == 2  # one round was enough
+    assert rec["passed"] and rec["chosen_round"] == 1 and rec["nodes_in_float"] == q["nodes_to_exclude"]
+    assert parity(int8) == pytest.approx(r1["parity_psnr_db"])
+    assert not [x for x in tmp_path.iterdir() if x.name.startswith(".")]
+    # a model that passes at once is quantized once, with nothing in float
+    _, rec = ex.quantize_with_fallback(wide_narrow, tmp_path / "q2.onnx", cal, parity, 10.0, method="minmax")
+    assert len(rec["rounds"]) == 1 and rec["nodes_in_float"] == [] and rec["passed"]
+
+
+def test_convert_to_ort_matches_int8(fp32_model, tmp_path):
+    path, _ = fp32_model
+    int8 = tmp_path / "m.int8.onnx"
+    quantize_int8(path, int8, _inputs(2, 2))
+    info = ex.convert_to_ort(int8, tmp_path / "m.int8.ort")
+    ort_path = Path(info["path"])
+    assert ort_path.is_file() and info["bytes"] == ort_path.stat().st_size and info["target_platform"] == "arm"
+    assert any("QLinearConv" in line for line in info["ops"])
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.int8.onnx", "m.int8.ort"]
+    s8, so = _sess(int8), _sess(ort_path)
+    for x in _inputs(2, 7):
+        assert np.max(np.abs(so.run(None, {"image": x})[0] - s8.run(None, {"image": x})[0])) < 1e-5
+    with pytest.raises(FileNotFoundError):
+        ex.convert_to_ort(tmp_path / "nope.onnx", tmp_path / "nope.ort")
+
+
 def test_bad_calibration_hurts_parity(fp32_model, tmp_path):
     """Calibrating on black frames only clips every real activation: parity collapses."""
     path, _ = fp32_model
@@ -232,6 +364,9 @@ def test_export_mobile_writes_everything(tmp_path, patched_student):
     report = export_mobile(patched_student, pairs, cfg, progress=False, **p)
     for f in ("onnx_fp32", "onnx_int8", "grid_png", "report_json"):
         assert p[f].is_file(), f
+    ort_file, card = p["out_dir"] / "student.int8.ort", p["out_dir"] / "MODEL_CARD.md"  # default places
+    assert ort_file.is_file() and card.is_file()
+    assert "![before / teacher / student int8 on held-out people](grid.png)" in card.read_text()
     assert not [x for x in p["out_dir"].iterdir() if x.name.startswith(".")]  # no scratch left behind
     on_disk = json.loads(p["report_json"].read_text())
     for key in ex.REPORT_KEYS:
@@ -243,6 +378,9 @@ def test_export_mobile_writes_everything(tmp_path, patched_student):
     assert on_disk["fp32_ms_1t"] > 0 and on_disk["int8_ms_1t"] > 0
     assert 0 < on_disk["identity_psnr_db"] < 100
     assert report["parity_psnr_db"] == pytest.approx(on_disk["parity_psnr_db"])
+    assert on_disk["ort_bytes"] == ort_file.stat().st_size and on_disk["ort_ms_1t"] > 0
+    assert on_disk["ort_vs_int8_max_abs_diff"] < 1e-5 and on_disk["ort_parity_psnr_db"] >= 30.0
+    assert len(on_disk["float_fallback"]["rounds"]) == 1 and on_disk["nodes_in_float"] == []
     grid = read_png_rgb(p["grid_png"])
     assert grid.shape == (22 + 2 * SIZE + 4, 3 * SIZE + 2 * 4, 3)  # 2 people x (before, teacher, student)
 
@@ -255,6 +393,34 @@ def test_export_mobile_parity_error_still_writes_report(tmp_path, patched_studen
         export_mobile(patched_student, pairs, cfg, progress=False, **p)
     report = json.loads(p["report_json"].read_text())
     assert report["parity_ok"] is False and report["min_parity_db"] == 99.0
+
+
+def test_export_mobile_float_fallback_passes_the_gate(tmp_path, patched_wide_narrow):
+    pairs = make_pairs(tmp_path / "pairs", train_people=3, heldout_people=2, per_person=1)
+    p = stage_paths(tmp_path)
+    cfg = ExportConfig(calibration_method="minmax", calibration_samples=3, latency_runs=2, grid_samples=1,
+                       min_parity_db=38.0)
+    report = export_mobile(patched_wide_narrow, pairs, cfg, progress=False, effect="toon",
+                           onnx_ort=p["out_dir"] / "m.ort", model_card=p["out_dir"] / "card.md", **p)
+    fb = report["float_fallback"]
+    assert fb["rounds"][0]["parity_psnr_db"] < 38.0 <= report["parity_psnr_db"] and report["parity_ok"]
+    assert "node_cat" in report["nodes_in_float"] and fb["chosen_round"] >= 1
+    assert report["ort_parity_psnr_db"] >= 38.0
+    on_disk = json.loads(p["report_json"].read_text())
+    kept = on_disk["float_fallback"]["rounds"][1]["kept_float"]["tensor"]
+    card = (p["out_dir"] / "card.md").read_text()
+    assert card.startswith("# `toon` face effect") and f"| 1 | `{kept}` | " in card and "**passed**" in card
+
+
+def test_export_mobile_fallback_is_bounded(tmp_path, patched_wide_narrow):
+    pairs = make_pairs(tmp_path / "pairs", train_people=2, heldout_people=1, per_person=1)
+    p = stage_paths(tmp_path)
+    cfg = ExportConfig(calibration_method="minmax", calibration_samples=2, latency_runs=1, max_float_fallback=0)
+    with pytest.raises(ParityError, match=r"max_float_fallback = 0"):
+        export_mobile(patched_wide_narrow, pairs, cfg, progress=False, **p)
+    report = json.loads(p["report_json"].read_text())
+    assert report["parity_ok"] is False and len(report["float_fallback"]["rounds"]) == 1
+    assert "**FAILED**" in (p["out_dir"] / "MODEL_CARD.md").read_text()
 
 
 def test_export_mobile_missing_checkpoint(tmp_path):

@@ -260,6 +260,10 @@ class ExportConfig(_Strict):
     calibration_samples: int = Field(16, ge=1)
     calibration_method: Literal["minmax", "entropy", "percentile"] = "percentile"
     min_parity_db: float = Field(38.0, description="PSNR of int8 against fp32 on held-out pairs")
+    max_float_fallback: int = Field(3, ge=0, description="rounds that keep the most sensitive layers in float "
+                                                         "(qdq_loss_debug) while parity is below min_parity_db")
+    float_fallback_candidates: int = Field(4, ge=1, description="worst-ranked activations tried per fallback "
+                                                                  "round; the one that helps most stays in float")
     latency_runs: int = Field(50, ge=1)
     grid_samples: int = Field(4, ge=1)
 

@@ -74,8 +74,16 @@ class EffectPaths:
         return self.mobile_dir / "student.int8.onnx"
 
     @property
+    def onnx_ort(self) -> Path:
+        return self.mobile_dir / "student.int8.ort"
+
+    @property
     def grid(self) -> Path:
         return self.mobile_dir / "grid.png"
+
+    @property
+    def model_card(self) -> Path:
+        return self.mobile_dir / "MODEL_CARD.md"
 
     @property
     def mobile_report(self) -> Path:
