@@ -92,7 +92,8 @@ def _num(v: Any) -> float | None:
 # ---- mobile_model ----------------------------------------------------------------------------------------------
 def int8_parity(c: CheckInput) -> AssetCheckResult:
     parity = c.summary.get("parity_psnr_db")
-    bound = float(lookup(c.params, "export.min_parity_db") or 0.0)
+    # the bound the stage applied (export.min_parity_db with the effect's own override), else the global one
+    bound = float(c.summary.get("min_parity_db") or lookup(c.params, "export.min_parity_db") or 0.0)
     return _result("int8_parity", parity is not None and float(parity) >= bound,
                    parity_psnr_db=None if parity is None else float(parity), min_parity_db=bound)
 

@@ -230,6 +230,15 @@ class EffectConfig(_Strict):
     seed: int = 0
     teacher: EffectTeacher = EffectTeacher()
     quality: dict[str, float | bool] = Field(default_factory=dict, description="this effect's overrides of the quality: section")
+    export: dict[str, float | int | str] = Field(default_factory=dict, description="this effect's overrides of the export: section")
+
+    @field_validator("export")
+    @classmethod
+    def _export_keys(cls, v: dict[str, float | int | str]) -> dict[str, float | int | str]:
+        unknown = sorted(set(v) - set(ExportConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown export setting(s) {unknown}; known: {', '.join(ExportConfig.model_fields)}")
+        return v
 
     @field_validator("quality")
     @classmethod
@@ -285,6 +294,10 @@ class Params(_Strict):
             if not _EFFECT_NAME.match(name):
                 raise ValueError(f"effect name {name!r} must be lower-case letters, digits, '-' or '_'")
         return v
+
+    def export_for(self, effect: str) -> ExportConfig:
+        """The `export:` section with the effect's own overrides (`effects.E.export`) applied."""
+        return ExportConfig.model_validate({**self.export.model_dump(), **self.effect(effect).export})
 
     def effect(self, name: str) -> EffectConfig:
         if name not in self.effects:
