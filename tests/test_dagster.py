@@ -290,7 +290,7 @@ def test_g_ui_lists_graph_and_shows_stale_after_swap(built):
             time.sleep(1)
         nodes = gql("{ assetNodes { assetKey { path } dependencyKeys { path } isObservable } }")["assetNodes"]
         graph = {n["assetKey"]["path"][0]: sorted(d["path"][0] for d in n["dependencyKeys"]) for n in nodes}
-        assert graph["mobile_model"] == ["effect_config", "face_pairs", "source_faces", "student_checkpoint", "teacher_images"]
+        assert graph["mobile_model"] == ["export_config", "face_pairs", "source_faces", "student_checkpoint", "teacher_images"]
         assert graph["teacher_images"] == ["prompts", "source_faces", "teacher_config"]
         assert {n["assetKey"]["path"][0] for n in nodes if n["isObservable"]} == set(Project.load(root).sources)
         assert stale("teacher_images") == ["FRESH", "FRESH"]
