@@ -117,4 +117,15 @@ def test_two_faces_are_rejected_or_the_largest_taken(tmp_path):
     params = params.model_copy(update={"faces": params.faces.model_copy(update={"multiple_faces": "largest"})})
     run_stage("face_pairs", params, "fx", root, progress=False)
     df = pd.read_parquet(EffectPaths(root, "fx").manifest).set_index("sample_id")
-    assert df.loc["two", "status"] == "pass"
+    assert df.loc["two", "status"] == "pass" and "two_face1" not in df.index
+    # "all": each face of the photo becomes its own pair and person, on the photo's side of the split
+    params = params.model_copy(update={"faces": params.faces.model_copy(update={"multiple_faces": "all"})})
+    run_stage("face_pairs", params, "fx", root, progress=False)
+    df = pd.read_parquet(EffectPaths(root, "fx").manifest).set_index("sample_id")
+    both = df.loc[["two", "two_face1"]]
+    # one of the two faces is the person of one.jpg: the gate rejects that pair as a near-duplicate, not the other
+    assert (both.status == "pass").sum() == 1 and "duplicate" in both.loc[both.status != "pass", "reason"].iloc[0]
+    assert df.loc["two_face1", "person_id"] != df.loc["two", "person_id"]
+    assert df.loc["two_face1", "split"] == df.loc["two", "split"]
+    assert (EffectPaths(root, "fx").pairs_dir / df.loc["two_face1", "source"]).is_file()
+    assert df.loc["two", "align_matrix"].tolist() != df.loc["two_face1", "align_matrix"].tolist()

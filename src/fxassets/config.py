@@ -34,7 +34,7 @@ class FacesConfig(_Strict):
     margin: float = Field(0.45, ge=0.0, le=2.0, description="extra framing around the face template")
     detector: Literal["short", "full"] = "short"
     min_score: float = Field(0.5, ge=0.0, le=1.0)
-    multiple_faces: Literal["reject", "largest"] = "reject"
+    multiple_faces: Literal["reject", "largest", "all"] = Field("reject", description="photos with several faces: reject, the largest, or each face its own pair")
     holdout_fraction: float = Field(0.12, gt=0.0, lt=1.0, description="share of people kept for evaluation")
     split_seed: int = 0
 

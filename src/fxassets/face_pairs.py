@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from fxassets.atomic import atomic_dir, atomic_path, read_jsonl, write_json
 from fxassets.config import FacesConfig, QualityConfig
-from fxassets.faces import FaceDetector, align_matrix, select_face, warp_aligned
+from fxassets.faces import Face, FaceDetector, align_matrix, select_faces, warp_aligned
 from fxassets.gate import ROW_CHECKS, run_gate
 from fxassets.images import ImageError, read_png_rgb, read_rgb, write_png
 from fxassets.quality import CROP_MIN_SCORE, METRIC_COLUMNS, PairMeter
@@ -73,6 +73,28 @@ def run_face_pairs(
         meter = PairMeter(crop_det, size, faces.margin)
         (tmp / "source").mkdir()
         (tmp / "target").mkdir()
+
+        def _pair(row: dict[str, Any], face: Face, src: np.ndarray, tgt: np.ndarray, sid: str) -> dict[str, Any]:
+            """Align, write and measure one face's pair; the row, passed or rejected with its reason."""
+            nonlocal metric_seconds
+            M = align_matrix(face, size, faces.margin)
+            src_crop, tgt_crop = warp_aligned(src, M, size), warp_aligned(tgt, M, size)
+            write_png(tmp / "source" / f"{sid}.png", src_crop)
+            write_png(tmp / "target" / f"{sid}.png", tgt_crop)
+            tm = time.perf_counter()
+            try:
+                row.update(meter.measure(src_crop, tgt_crop))
+            except (RuntimeError, ValueError, cv2.error) as exc:  # dlib raises RuntimeError
+                return _reject(row, f"quality metrics failed: {exc}", "metrics")
+            finally:
+                metric_seconds += time.perf_counter() - tm
+            row.update(
+                status="pass", reason="", source=f"source/{sid}.png", target=f"target/{sid}.png",
+                det_score=float(face.score), face_width=float(face.box[2]),
+                align_matrix=[float(v) for v in np.asarray(M).ravel()],
+            )
+            return row
+
         for rec in tqdm(records, desc="face pairs", unit="pair", disable=not progress):
             sid = rec["sample_id"]
             row: dict[str, Any] = {
@@ -98,28 +120,15 @@ def run_face_pairs(
                 continue
             found = det.detect(src)
             row["num_faces"] = len(found)
-            face, reason = select_face(found, faces.multiple_faces)
-            if face is None:
+            chosen, reason = select_faces(found, faces.multiple_faces)
+            if not chosen:
                 rows.append(_reject(row, reason, "face_detection"))
                 continue
-            M = align_matrix(face, size, faces.margin)
-            src_crop, tgt_crop = warp_aligned(src, M, size), warp_aligned(tgt, M, size)
-            write_png(tmp / "source" / f"{sid}.png", src_crop)
-            write_png(tmp / "target" / f"{sid}.png", tgt_crop)
-            tm = time.perf_counter()
-            try:
-                row.update(meter.measure(src_crop, tgt_crop))
-            except (RuntimeError, ValueError, cv2.error) as exc:  # dlib raises RuntimeError
-                rows.append(_reject(row, f"quality metrics failed: {exc}", "metrics"))
-                continue
-            finally:
-                metric_seconds += time.perf_counter() - tm
-            row.update(
-                status="pass", reason="", source=f"source/{sid}.png", target=f"target/{sid}.png",
-                det_score=float(face.score), face_width=float(face.box[2]),
-                align_matrix=[float(v) for v in np.asarray(M).ravel()],
-            )
-            rows.append(row)
+            for k, face in enumerate(chosen):  # several only with multiple_faces: all
+                # each further face of a photo is its own person, on the photo's side of the split
+                fid = sid if k == 0 else f"{sid}_face{k}"
+                frow = {**row, "sample_id": fid, "person_id": row["person_id"] if k == 0 else f"{row['person_id']}_face{k}"}
+                rows.append(_pair(frow, face, src, tgt, fid))
         measured = int(sum(1 for r in rows if r["status"] == "pass"))
         df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         tg = time.perf_counter()

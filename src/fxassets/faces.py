@@ -191,6 +191,17 @@ def select_face(faces: list[Face], rule: str) -> tuple[Face | None, str]:
     return max(faces, key=lambda f: f.area), ""
 
 
+def select_faces(faces: list[Face], rule: str) -> tuple[list[Face], str]:
+    """The faces to use under `rule`: "reject" and "largest" as `select_face`, "all" every face (largest first).
+
+    Returns (faces, "") or ([], reason).
+    """
+    if rule == "all":
+        return (sorted(faces, key=lambda f: f.area, reverse=True), "") if faces else ([], "no face found")
+    face, reason = select_face(faces, rule)
+    return ([face] if face is not None else []), reason
+
+
 def template(size: int = 256, margin: float = DEFAULT_MARGIN) -> np.ndarray:
     """ALIGN_KEYPOINTS' canonical positions in a `size` crop with `margin` (4x2, pixel centres at integers)."""
     return _scale_to_crop(TEMPLATE_256, size, margin)
