@@ -217,6 +217,17 @@ def _calibration_reader(calibration: Sequence[np.ndarray]):
     return _Reader()
 
 
+def _graph_index(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """The graph's nodes, the node writing each tensor, and the nodes reading each tensor."""
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return nodes, producer, consumers
+
+
 def excluded_nodes(model: onnx.ModelProto, exclude: Exclude = "none") -> list[str]:
     """Names of the nodes to keep in float.
 
@@ -228,12 +239,7 @@ def excluded_nodes(model: onnx.ModelProto, exclude: Exclude = "none") -> list[st
         return []
     if exclude not in ("se", "hard"):
         raise ValueError(f"exclude must be 'none', 'se' or 'hard', got {exclude!r}")
-    nodes = list(model.graph.node)
-    producer = {o: n for n in nodes for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    nodes, producer, consumers = _graph_index(model)
     names: set[str] = set()
     for n in nodes:
         if n.op_type not in POOL_OPS:
@@ -443,12 +449,7 @@ def float_region(model: onnx.ModelProto, tensor: str) -> list[str]:
     """Names of the nodes to exclude from quantization so that `tensor` stays float: the node that writes it,
     every node that reads it (a quantized reader would put a Q/DQ pair back on its input) and, through readers
     that only move values (`PASS_THROUGH_OPS`, e.g. Concat), the readers of their outputs too."""
-    nodes = list(model.graph.node)
-    producer = {o: n for n in nodes for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    nodes, producer, consumers = _graph_index(model)
     region: dict[str, None] = {}
     if tensor in producer:
         region[producer[tensor].name] = None

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from fxassets.config import EffectTeacher, Img2ImgTeacher, InstructPix2PixTeacher, Text2ImageTeacher
+from fxassets.sources import sha256_file
 from fxassets.teachers.base import SampleRejected, Teacher
 
 log = logging.getLogger(__name__)
@@ -36,14 +37,6 @@ def cache_root(root: Path) -> Path:
     """Where resumable work is kept: `$FXASSETS_CACHE` or `<project root>/.cache/fxassets` (gitignored)."""
     env = os.environ.get("FXASSETS_CACHE")
     return Path(env) if env else Path(root) / ".cache" / "fxassets"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_hash(folder: Path, cache_dir: Path | None = None) -> str:
@@ -68,7 +61,7 @@ def weights_hash(folder: Path, cache_dir: Path | None = None) -> str:
         st = p.stat()
         memo_key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if memo_key not in memo:
-            memo[memo_key] = _sha256(p)
+            memo[memo_key] = sha256_file(p)
             changed = True
         parts.append(f"{rel}\0{memo[memo_key]}")
     if not parts:
