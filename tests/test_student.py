@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from fxassets.config import TrainConfig
 from fxassets.images import write_png
+from fxassets.metrics import MAX_PSNR, image_scores, l1_ssim_loss
 from fxassets.student import build_student, count_params, load_student, save_student
 from fxassets.train import CURVE_HEADER, lr_factor, train_student
 
@@ -95,16 +96,17 @@ def test_width_changes_decoder():
 
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(1)
-    model = build_student(width=0.5)
+    model = build_student(width=0.5, head_blocks=0)  # the architecture beyond encoder/width travels in the meta
     with torch.no_grad():  # perturb so the head is not zero
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     model.eval()
     path = tmp_path / "s.safetensors"
-    save_student(model, path, {"crop_size": [64, 64], "note": "x"})
+    save_student(model, path, {"crop_size": [64, 64], "note": "x", "width": 2.0})  # the model's own width wins
     loaded, meta = load_student(path)
     assert not loaded.training
     assert meta["width"] == 0.5 and meta["encoder"] == "mobilenetv3_small_100" and meta["crop_size"] == [64, 64]
+    assert meta["arch"]["head_blocks"] == 0 and meta["note"] == "x"
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
@@ -189,3 +191,15 @@ def test_lr_schedule_warms_up_and_decays():
     assert lr_factor(0.03) == pytest.approx(1.0)
     assert 0.4 < lr_factor(0.5) < 0.6
     assert lr_factor(1.0) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_metrics():
+    torch.manual_seed(0)
+    a = torch.rand(2, 3, 32, 32)
+    same = image_scores(a, a.clone())
+    assert same["psnr"] == MAX_PSNR and same["ssim"] == pytest.approx(1.0, abs=1e-4)
+    b = (a + 0.1).clamp(0, 1)
+    mse = float(((a - b) ** 2).flatten(1).mean(1)[0])
+    assert image_scores(a[:1], b[:1])["psnr"] == pytest.approx(10 * math.log10(1 / mse), abs=1e-3)
+    assert float(l1_ssim_loss(a, a, 1.0, 0.5)) == pytest.approx(0.0, abs=1e-4)
+    assert float(l1_ssim_loss(a, b, 1.0, 0.0)) == pytest.approx(float((a - b).abs().mean()), abs=1e-6)

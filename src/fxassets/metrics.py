@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from kornia.metrics import psnr, ssim
@@ -26,14 +25,6 @@ def ssim_loss(pred: torch.Tensor, target: torch.Tensor, window: int = SSIM_WINDO
     return 1.0 - ssim(pred, target, window, max_val=1.0).mean()
 
 
-def to_float(images: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """uint8 N x 3 x H x W (or H x W x 3 arrays) to float [0, 1]."""
-    t = torch.as_tensor(images)
-    if t.ndim == 3 and t.shape[-1] == 3:
-        t = t.permute(2, 0, 1)
-    return t.float().div_(255.0)
-
-
 def quantize(images: torch.Tensor) -> torch.Tensor:
     """Round float [0, 1] images to the 256 levels a PNG stores (what a user would see)."""
     return torch.round(images.clamp(0.0, 1.0) * 255.0) / 255.0
@@ -47,7 +38,9 @@ def image_scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     }
 
 
-def l1_ssim_loss(pred: torch.Tensor, target: torch.Tensor, l1_weight: float = 1.0, ssim_weight: float = 0.5) -> torch.Tensor:
+def l1_ssim_loss(
+    pred: torch.Tensor, target: torch.Tensor, l1_weight: float = 1.0, ssim_weight: float = 0.5
+) -> torch.Tensor:
     """The distillation loss: l1_weight * mean |pred - target| + ssim_weight * (1 - SSIM)."""
     loss = l1_weight * F.l1_loss(pred, target)
     if ssim_weight > 0:

@@ -2,13 +2,13 @@
 
 Encoder: any timm model with ``features_only=True`` (default MobileNetV3-small, random init), giving features at
 strides 2, 4, 8, 16 and 32.  Decoder: from the deepest feature up to stride 2, each stage upsamples x2, concatenates
-the encoder skip of that scale and mixes with timm inverted-residual (MobileNet) blocks.  Head: at half resolution
-the decoder features meet the input itself, folded to half resolution with ``pixel_unshuffle(2)`` (so every input
-pixel is seen), and a last 1x1 conv makes 12 channels that ``pixel_shuffle(2)`` unfolds into a full-resolution RGB
-change.  Output ``clamp(x + delta, 0, 1)``: the network learns the edit, the identity is free.
+the encoder skip of that scale and mixes with timm inverted-residual (MobileNet) blocks.  Head: one more block at
+half resolution, then a 1x1 conv to 12 channels that ``pixel_shuffle(2)`` unfolds into a full-resolution RGB change
+(the last conv starts at zero, so a fresh student is the identity).  Output ``clamp(x + delta, 0, 1)``: the network
+learns the edit, the identity is free.
 
-Everything is static-shape convs, nearest upsampling, concatenation and pixel (un)shuffle: ONNX-exportable with no
-data-dependent control flow, and the decoder uses ReLU only so that int8 quantization fuses it.
+Everything is static-shape convs, nearest upsampling, concatenation and pixel shuffle: ONNX-exportable with no
+data-dependent control flow (DepthToSpace), and the decoder uses ReLU only so that int8 quantization fuses it.
 """
 
 from __future__ import annotations
@@ -60,12 +60,17 @@ class Student(nn.Module):
     """UNet: timm encoder, inverted-residual decoder with skips, half-resolution head ending in pixel_shuffle(2)."""
 
     def __init__(self, encoder: str = DEFAULT_ENCODER, width: float = 1.0,
-                 decoder_channels: tuple[int, int, int, int] = DECODER_CHANNELS, blocks: int = 1,
-                 head_blocks: int = 1, exp_ratio: float = 3.0, head_input: str = "unshuffle",
+                 decoder_channels: tuple[int, ...] = DECODER_CHANNELS, blocks: int = 1,
+                 head_blocks: int = 1, exp_ratio: float = 3.0, head_input: str = "none",
                  act_layer: type[nn.Module] = nn.ReLU, norm_layer: type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
+        if len(decoder_channels) != 4 or head_input not in ("none", "unshuffle"):
+            raise ValueError("decoder_channels needs 4 values; head_input is 'none' or 'unshuffle'")
         self.encoder_name = encoder
         self.width = float(width)
+        # the shape-defining settings beyond encoder and width: saved in checkpoints, passed back on load
+        self.arch = {"decoder_channels": list(decoder_channels), "blocks": blocks, "head_blocks": head_blocks,
+                     "exp_ratio": exp_ratio, "head_input": head_input}
         self.encoder = timm.create_model(encoder, features_only=True, pretrained=False)
         info = self.encoder.feature_info
         reductions = info.reduction()
@@ -80,14 +85,12 @@ class Student(nn.Module):
         self.up8 = UpStage(dec[0], enc[2], dec[1], **up)
         self.up4 = UpStage(dec[1], enc[1], dec[2], **up)
         self.up2 = UpStage(dec[2], enc[0], dec[3], **up)
-        # half-resolution head: decoder features + the input folded 2x2 into channels (12)
+        # half-resolution head (optionally also fed the input folded 2x2 into 12 channels: measured no better)
         self.head_input = head_input
-        extra = {"unshuffle": 12, "conv": 12, "none": 0}[head_input]
-        if head_input == "conv":
-            self.fold = nn.Conv2d(3, 12, 2, stride=2)
+        extra = 12 if head_input == "unshuffle" else 0
         self.head = nn.Sequential(
             ConvNormAct(dec[3] + extra, dec[3], 3, **kw),
-            *[InvertedResidual(dec[3], dec[3], dw_kernel_size=3, exp_ratio=exp_ratio, **kw) for _ in range(head_blocks)],
+            *[InvertedResidual(dec[3], dec[3], exp_ratio=exp_ratio, **kw) for _ in range(head_blocks)],
             nn.Conv2d(dec[3], 12, 1, bias=True),
         )
         nn.init.zeros_(self.head[-1].weight)  # start as the identity: out == x
@@ -102,8 +105,6 @@ class Student(nn.Module):
         y = self.up2(y, f2)
         if self.head_input == "unshuffle":
             y = torch.cat([y, F.pixel_unshuffle(x, 2)], dim=1)
-        elif self.head_input == "conv":
-            y = torch.cat([y, self.fold(x)], dim=1)
         y = self.head(y)
         return torch.clamp(x + F.pixel_shuffle(y, 2), 0.0, 1.0)
 
@@ -119,9 +120,10 @@ def count_params(model: nn.Module) -> int:
 
 def save_student(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> None:
     """Write the weights (and BN statistics) as safetensors, atomically; `meta` goes into the header."""
-    info = {"format": FORMAT, "encoder": getattr(model, "encoder_name", DEFAULT_ENCODER),
-            "width": getattr(model, "width", 1.0)}
-    info.update(meta)
+    info = dict(meta)
+    # what load_student needs to rebuild the model comes from the model itself, never from the caller's meta
+    info.update({"format": FORMAT, "encoder": getattr(model, "encoder_name", DEFAULT_ENCODER),
+                 "width": getattr(model, "width", 1.0), "arch": getattr(model, "arch", {})})
     header = {str(k): json.dumps(v, default=str) for k, v in info.items()}  # every value JSON: lossless round trip
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
@@ -147,7 +149,7 @@ def load_student(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     meta = {k: _decode(v) for k, v in raw.items()}
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not an fxassets student checkpoint (format={meta.get('format')!r})")
-    model = build_student(str(meta["encoder"]), float(meta["width"]))
+    model = build_student(str(meta["encoder"]), float(meta["width"]), **dict(meta.get("arch") or {}))
     model.load_state_dict(load_file(str(path)), strict=True)
     model.eval()
     return model, meta

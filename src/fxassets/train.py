@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,9 @@ class FitResult:
 
 
 def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: torch.Generator,
-        progress: bool = False) -> FitResult:
-    """The training loop: steps until cfg.steps or cfg.max_seconds, evaluating every cfg.eval_every and at the end."""
+        progress: bool = False, on_eval: Callable[[dict[str, float]], None] | None = None) -> FitResult:
+    """The training loop: steps until cfg.steps or cfg.max_seconds, evaluating every cfg.eval_every and at the end
+    (each evaluation's curve row also goes to `on_eval`, if given)."""
     model.to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
     curve: list[dict[str, float]] = []
@@ -203,6 +205,8 @@ def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: 
         curve.append({"step": step, "train_loss": mean_loss, "heldout_psnr": scores["psnr"],
                       "heldout_ssim": scores["ssim"], "seconds": time.perf_counter() - t0})
         losses.clear()
+        if on_eval is not None:
+            on_eval(curve[-1])
         bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{scores['psnr']:.2f}")
 
     while step < cfg.steps:
