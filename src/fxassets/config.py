@@ -249,6 +249,25 @@ class EffectConfig(_Strict):
         return v
 
 
+OCCLUDERS = ("glasses", "sunglasses", "hand")
+
+
+class AugmentConfig(_Strict):
+    """Training augmentation, applied identically to the source and the teacher target of a pair."""
+
+    flip: bool = Field(True, description="mirror left-right half the time")
+    rotate_deg: float = Field(5.0, ge=0, le=45, description="affine jitter: rotation up to +- this many degrees")
+    scale: float = Field(0.05, ge=0, le=0.5, description="affine jitter: zoom up to +- this share")
+    translate: float = Field(0.03, ge=0, le=0.25, description="affine jitter: shift up to +- this share of the size")
+    brightness: float = Field(0.1, ge=0, le=1, description="colour jitter (kornia ColorJitter ranges)")
+    contrast: float = Field(0.1, ge=0, le=1)
+    saturation: float = Field(0.1, ge=0, le=1)
+    hue: float = Field(0.02, ge=0, le=0.5)
+    occluder_probability: float = Field(0.3, ge=0, le=1, description="share of samples given a synthetic occluder")
+    occluders: tuple[Literal["glasses", "sunglasses", "hand"], ...] = Field(
+        OCCLUDERS, description="synthetic occluders pasted on source and target alike")
+
+
 class TrainConfig(_Strict):
     encoder: str = "mobilenetv3_small_100"
     width: float = Field(1.0, gt=0, le=2, description="decoder width multiplier")
@@ -259,9 +278,14 @@ class TrainConfig(_Strict):
     lr: float = Field(2e-3, gt=0)
     l1_weight: float = Field(1.0, ge=0)
     ssim_weight: float = Field(0.5, ge=0)
+    lpips_weight: float = Field(0.0, ge=0, description="LPIPS perceptual loss weight; > 0 needs lpips_weights")
+    lpips_weights: Path | None = Field(None, description="local file with the LPIPS network's weights (no download)")
+    gan_weight: float = Field(0.0, ge=0, description="PatchGAN adversarial loss weight; 0 = off")
     eval_every: int = Field(200, ge=1)
+    checkpoint_every: int = Field(100, ge=0, description="steps between resumable checkpoints; 0 = none")
     seed: int = 0
     threads: int = Field(2, ge=1)
+    augment: AugmentConfig = AugmentConfig()
 
 
 class ExportConfig(_Strict):
