@@ -116,18 +116,22 @@ def test_save_load_round_trip(tmp_path):
 def test_training_writes_outputs(trained):
     out, metrics = trained
     keys = {"heldout_psnr", "heldout_ssim", "identity_psnr", "identity_ssim", "steps", "train_seconds", "params",
-            "encoder", "width", "train_pairs", "heldout_pairs"}
+            "encoder", "width", "train_pairs", "heldout_pairs", "resumed_from_step"}
     on_disk = json.loads((out / "metrics.json").read_text())
     assert keys <= set(on_disk) and on_disk == metrics
     for k in ("heldout_psnr", "heldout_ssim", "identity_psnr", "identity_ssim", "train_seconds"):
         assert math.isfinite(metrics[k])
     assert metrics["steps"] == 5 and metrics["train_pairs"] == 8 and metrics["heldout_pairs"] == 3
+    assert metrics["resumed_from_step"] == 0
     lines = (out / "curve.csv").read_text().splitlines()
     assert lines[0] == CURVE_HEADER
     rows = list(csv.DictReader(lines))
     assert [int(r["step"]) for r in rows] == [2, 4, 5]
     assert all(math.isfinite(float(r[k])) for r in rows for k in ("train_loss", "heldout_psnr", "heldout_ssim"))
     assert float(rows[-1]["heldout_psnr"]) == pytest.approx(metrics["heldout_psnr"], abs=1e-3)
+    # the unchanged input's scores beside the student's, the same in every row
+    for k in ("identity_psnr", "identity_ssim"):
+        assert all(float(r[k]) == pytest.approx(metrics[k], abs=1e-3) for r in rows), k
     with safe_open(str(out / "student.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["crop_size"]) == [H, W]
 

@@ -35,11 +35,15 @@ def stage_face_pairs(p: Params, effect: str, paths: EffectPaths, progress: bool)
 
 def stage_student_checkpoint(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:
     from fxassets.gate import require_passed
+    from fxassets.teachers.diffusers_teachers import cache_root
     from fxassets.train import train_student
 
     p.effect(effect)
     require_passed(paths.pairs_dir)  # GateError (a ValueError) with the gate's summary when the pair set failed
-    return train_student(paths.pairs_dir, p.train, paths.checkpoint, paths.train_metrics, paths.train_curve, progress)
+    # resume checkpoints live outside the DVC outs (DVC deletes those before running the stage)
+    state_dir = cache_root(paths.root) / "train" / effect
+    return train_student(paths.pairs_dir, p.train, paths.checkpoint, paths.train_metrics, paths.train_curve, progress,
+                         state_dir=state_dir, root=paths.root)
 
 
 def stage_mobile_model(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:

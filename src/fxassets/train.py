@@ -2,11 +2,13 @@
 
 Reads a `face_pairs` folder (``manifest.parquet`` + ``source/`` and ``target/`` PNG crops), keeps the rows with
 ``status == "pass"``, preloads every pair as uint8 tensors, and trains on random ``cfg.crop`` crops (the same window
-in source and target) with horizontal flips.  Loss ``l1_weight * L1 + ssim_weight * (1 - SSIM)``, AdamW, linear
-warm-up then cosine decay.  Training stops after ``cfg.steps`` steps or ``cfg.max_seconds`` seconds (if > 0),
+in source and target) with horizontal flips.  Loss ``l1_weight * L1 + ssim_weight * (1 - SSIM)`` plus optional LPIPS and PatchGAN terms
+(`fxassets.losses`), AdamW, linear warm-up then cosine decay.  Training stops after ``cfg.steps`` steps or ``cfg.max_seconds`` seconds (if > 0),
 whichever comes first; the cosine schedule follows whichever of the two is further along, so a time-limited run
 still ends at a low learning rate.  Every ``cfg.eval_every`` steps and at the end the student is evaluated on the
-full-size held-out pairs (PSNR/SSIM against the teacher, beside the unchanged input's scores).
+full-size held-out pairs (PSNR/SSIM against the teacher, beside the unchanged input's scores).  With a state folder,
+the run is resumable: every ``cfg.checkpoint_every`` steps it writes a checkpoint there (`fxassets.train_state`) and
+a restarted run continues from the latest one of the same run.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from tqdm import tqdm
 from fxassets.atomic import write_json, write_text
 from fxassets.config import TrainConfig
 from fxassets.images import read_png_rgb
-from fxassets.metrics import image_scores, l1_ssim_loss, quantize
+from fxassets.losses import Objective
+from fxassets.metrics import image_scores, quantize
 from fxassets.student import build_student, count_params, save_student
+from fxassets.train_state import Checkpointer, run_key
 
 MANIFEST = "manifest.parquet"
 MANIFEST_COLUMNS = ("sample_id", "person_id", "split", "status", "source", "target")
@@ -38,7 +42,7 @@ STRIDE = 32  # the student needs H and W multiples of this
 WARMUP = 0.03  # share of the run spent warming the learning rate up
 WEIGHT_DECAY = 1e-4
 EVAL_BATCH = 4
-CURVE_HEADER = "step,train_loss,heldout_psnr,heldout_ssim"
+CURVE_HEADER = "step,train_loss,heldout_psnr,heldout_ssim,identity_psnr,identity_ssim"
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -182,65 +186,81 @@ def load_split(pairs_dir: Path, cfg: TrainConfig) -> tuple[PairSet, PairSet]:
 @dataclass
 class FitResult:
     scores: dict[str, float]  # final held-out psnr / ssim
-    curve: list[dict[str, float]]  # one row per evaluation: step, train_loss, heldout_psnr, heldout_ssim, seconds
+    curve: list[dict[str, float]]  # one row per evaluation: step, train_loss, heldout_*, identity_*, seconds
     steps: int
-    seconds: float  # wall-clock of the training loop, evaluations included
+    seconds: float  # wall-clock of the training loop, evaluations included (before a resume too)
+    identity: dict[str, float]  # the unchanged input's held-out psnr / ssim
+    resumed_from: int = 0  # the step a resumed run started from (0: a fresh run)
 
 
 def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: torch.Generator,
-        progress: bool = False, on_eval: Callable[[dict[str, float]], None] | None = None) -> FitResult:
+        progress: bool = False, on_eval: Callable[[dict[str, float]], None] | None = None,
+        objective: Objective | None = None, checkpointer: Checkpointer | None = None) -> FitResult:
     """The training loop: steps until cfg.steps or cfg.max_seconds, evaluating every cfg.eval_every and at the end
-    (each evaluation's curve row also goes to `on_eval`, if given)."""
+    (each evaluation's curve row also goes to `on_eval`, if given); resumes from and writes `checkpointer`'s
+    checkpoints, if given."""
     model.to(memory_format=torch.channels_last).train()
+    objective = objective if objective is not None else Objective(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
-    curve: list[dict[str, float]] = []
-    losses: list[float] = []
-    step = 0
-    t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, desc="train student", unit="step", disable=not progress, leave=False)
+    baseline = identity_scores(held)
+    resumed = checkpointer.restore(model, opt, objective, gen) if checkpointer is not None else None
+    step, curve, losses, before = (resumed.step, resumed.curve, resumed.losses, resumed.elapsed) if resumed else (
+        0, [], [], 0.0)
+    t0 = time.perf_counter() - before  # a resumed run's budget counts the seconds before the interruption
+    bar = tqdm(total=cfg.steps, initial=step, desc="train student", unit="step", disable=not progress, leave=False)
 
     def record() -> None:
         scores = evaluate(model, held)
         mean_loss = float(np.mean(losses)) if losses else float("nan")
         curve.append({"step": step, "train_loss": mean_loss, "heldout_psnr": scores["psnr"],
-                      "heldout_ssim": scores["ssim"], "seconds": time.perf_counter() - t0})
+                      "heldout_ssim": scores["ssim"], "identity_psnr": baseline["psnr"],
+                      "identity_ssim": baseline["ssim"], "seconds": time.perf_counter() - t0})
         losses.clear()
         if on_eval is not None:
             on_eval(curve[-1])
         bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{scores['psnr']:.2f}")
 
-    while step < cfg.steps:
-        elapsed = time.perf_counter() - t0
-        if cfg.max_seconds > 0 and elapsed >= cfg.max_seconds and step > 0:  # at least one step
-            break
-        done = step / cfg.steps
-        if cfg.max_seconds > 0:
-            done = max(done, elapsed / cfg.max_seconds)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(done)
-        src, tgt = random_batch(train, cfg.batch_size, cfg.crop, gen)
-        out = model(src.contiguous(memory_format=torch.channels_last))
-        loss = l1_ssim_loss(out, tgt, cfg.l1_weight, cfg.ssim_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        if step % cfg.eval_every == 0 and step < cfg.steps:
+    try:
+        while step < cfg.steps:
+            elapsed = time.perf_counter() - t0
+            if cfg.max_seconds > 0 and elapsed >= cfg.max_seconds and step > 0:  # at least one step
+                break
+            done = step / cfg.steps
+            if cfg.max_seconds > 0:
+                done = max(done, elapsed / cfg.max_seconds)
+            scale = lr_factor(done)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * scale
+            src, tgt = random_batch(train, cfg.batch_size, cfg.crop, gen)
+            out = model(src.contiguous(memory_format=torch.channels_last))
+            loss = objective(src, out, tgt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            objective.adversary_step(src, out, tgt, scale)  # no-op without a GAN
+            step += 1
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            if step % cfg.eval_every == 0 and step < cfg.steps:
+                record()
+            if checkpointer is not None and checkpointer.due(step, cfg.steps):
+                checkpointer.save(step, model, opt, objective.state_dict(), gen, curve, losses,
+                                  time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        if not curve or curve[-1]["step"] != step:
             record()
-    seconds = time.perf_counter() - t0
-    if not curve or curve[-1]["step"] != step:
-        record()
-    bar.close()
+    finally:
+        bar.close()
     model.to(memory_format=torch.contiguous_format).eval()
     last = curve[-1]
-    return FitResult({"psnr": last["heldout_psnr"], "ssim": last["heldout_ssim"]}, curve, step, seconds)
+    return FitResult({"psnr": last["heldout_psnr"], "ssim": last["heldout_ssim"]}, curve, step, seconds, baseline,
+                     resumed.step if resumed else 0)
 
 
 def curve_csv(curve: list[dict[str, float]]) -> str:
     rows = [CURVE_HEADER] + [
-        f"{int(r['step'])},{r['train_loss']:.6f},{r['heldout_psnr']:.4f},{r['heldout_ssim']:.5f}" for r in curve
+        f"{int(r['step'])},{r['train_loss']:.6f},{r['heldout_psnr']:.4f},{r['heldout_ssim']:.5f},"
+        f"{r['identity_psnr']:.4f},{r['identity_ssim']:.5f}" for r in curve
     ]
     return "\n".join(rows) + "\n"
 
@@ -252,8 +272,13 @@ def train_student(
     metrics_path: Path,
     curve_path: Path,
     progress: bool = True,
+    state_dir: Path | None = None,
+    root: Path | None = None,
 ) -> dict[str, Any]:
-    """Distil the pairs in `pairs_dir` into a student; write checkpoint, metrics JSON and curve CSV; return metrics."""
+    """Distil the pairs in `pairs_dir` into a student; write checkpoint, metrics JSON and curve CSV; return metrics.
+
+    `state_dir`: where resume checkpoints go (outside the DVC outputs; None: not resumable); deleted on success.
+    `root`: the folder a relative ``cfg.lpips_weights`` is read from (the project root; default the working dir)."""
     pairs_dir = Path(pairs_dir)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -261,8 +286,11 @@ def train_student(
         train, held = load_split(pairs_dir, cfg)
         gen = seed_everything(cfg.seed)
         model = build_student(cfg.encoder, cfg.width)
-        baseline = identity_scores(held)
-        result = fit(model, train, held, cfg, gen, progress=progress)
+        objective = Objective(cfg, lpips_root=root)
+        key = run_key(cfg, pairs_dir / MANIFEST, objective.lpips_path) if state_dir is not None else ""
+        checkpointer = Checkpointer(state_dir, key, cfg.checkpoint_every)
+        result = fit(model, train, held, cfg, gen, progress=progress, objective=objective, checkpointer=checkpointer)
+        baseline = result.identity
         h, w = held.source.shape[-2:]
         metrics: dict[str, Any] = {
             "heldout_psnr": round(result.scores["psnr"], 4),
@@ -270,6 +298,7 @@ def train_student(
             "identity_psnr": round(baseline["psnr"], 4),
             "identity_ssim": round(baseline["ssim"], 5),
             "steps": result.steps,
+            "resumed_from_step": result.resumed_from,
             "train_seconds": round(result.seconds, 2),
             "params": count_params(model),
             "encoder": cfg.encoder,
@@ -288,6 +317,7 @@ def train_student(
         save_student(model, checkpoint, meta)
         write_json(metrics_path, metrics)
         write_text(curve_path, curve_csv(result.curve))
+        checkpointer.clear()  # the outputs are the product now
         return metrics
     finally:
         torch.set_num_threads(threads_before)
