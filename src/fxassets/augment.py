@@ -1,0 +1,526 @@
+"""Training augmentation of aligned face pairs: one random transform, applied alike to the student's input and the
+teacher's output.
+
+``augment_pairs(source, target, cfg, gen)`` takes a batch of full aligned crops (float ``N x 3 x H x W`` in
+``[0, 1]``, the canonical template of :mod:`fxassets.faces`, before any random cropping) and, per pair, in this
+order:
+
+1. **occluder** (with probability ``cfg.occluder_probability``, the kind drawn from ``cfg.occluders``): synthetic
+   glasses, sunglasses or a hand, drawn with OpenCV as an RGBA layer placed from the template's eye / nose / mouth
+   positions and alpha-composited (``a * colour + (1 - a) * image``) onto *both* sides, the same pixels on each.
+   The teacher's stylization of a real pair turns a pair of glasses or a hand into skin or paint; pasting the
+   same occluder on the target teaches the student to leave such things alone instead of stylizing them as skin.
+2. **affine jitter**: rotation, zoom and shift about the crop centre (``cfg.rotate_deg``, ``cfg.scale``,
+   ``cfg.translate``), bilinear, reflection padding (no black wedges at the borders).
+3. **horizontal flip** half the time (``cfg.flip``); folded into the affine warp when there is one (one resampling).
+4. **colour jitter**: brightness, contrast, saturation with kornia's ``ColorJitter`` ranges and formulas
+   (``adjust_brightness_accumulative``, ``adjust_contrast_with_mean_subtraction``,
+   ``adjust_saturation_with_gray_subtraction``, in that order), then a hue turn of up to ``cfg.hue`` of a full
+   turn, all composed into one 3 x 3 colour matrix plus offset per pair, applied with one batched matmul per side.
+   The contrast pivot is the grey mean of the *source*, used on both sides, so each pair gets literally the same
+   pixel-wise colour map. Two deliberate differences from running kornia's ops one after another: the hue turns
+   the YIQ chroma plane (a linear map that keeps luma and greys; kornia's ``adjust_hue`` shifts the HSV hue, which
+   keeps each pixel's max and min instead: same direction, similar size, not the same numbers), and the result is
+   clamped to ``[0, 1]`` once, at the end, not after every step.
+
+Why not kornia's modules and ops throughout: at one thread on a CPU, a batch of 16 pairs at 256 px through
+``warp_affine`` (``affine_grid`` + ``grid_sample``) and the four ``kornia.enhance`` colour ops took about 230 ms,
+``adjust_hue`` (an HSV round trip) alone 160 ms. Here kornia builds the rotation matrices
+(``get_rotation_matrix2d``); the warp is one ``grid_sample`` over source and target stacked as 6 channels, on a
+grid built by broadcasting (``affine_grid``'s batched matmul is several times slower), and the colour one matmul
+per side. ``tests/test_augment.py`` checks the warp against kornia's ``warp_affine`` and the brightness /
+contrast / saturation map against kornia's functions.
+
+All randomness comes from the ``torch.Generator`` passed in, in a fixed layout (one ``N x 11`` block of uniforms
+and one occluder seed per pair), so the same seed gives the same output whatever the global torch RNG state, and
+switching one option on or off does not reshuffle the others' draws. With everything off (no flip, all jitter 0,
+occluder probability 0) the inputs come back unchanged (as copies).
+
+``draw_occluder(kind, size, gen)`` returns one occluder layer (``4 x size x size`` RGBA) for tests and previews;
+``python -m fxassets.augment OUT.png [FACE.png ...]`` writes a preview grid of every kind on some faces.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from kornia.geometry.transform import get_rotation_matrix2d
+
+from fxassets import faces
+from fxassets.config import OCCLUDERS, AugmentConfig
+
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # kornia.color.rgb_to_grayscale's (and OpenCV's) RGB weights
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]])
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+
+# Columns of the per-pair block of uniforms drawn from the generator (the layout never changes with the config).
+_U_OCCLUDE, _U_KIND, _U_ANGLE, _U_SCALE, _U_TX, _U_TY, _U_FLIP, _U_BRIGHT, _U_CONTRAST, _U_SAT, _U_HUE = range(11)
+_N_UNIFORMS = 11
+_N_DRAWS = 64  # uniforms one occluder drawing may use
+
+
+# ------------------------------------------------------------------------------------------------- the pipeline
+
+
+def augment_pairs(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    cfg: AugmentConfig,
+    gen: torch.Generator,
+    margin: float = faces.DEFAULT_MARGIN,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float N x 3 x H x W in [0,1] source (student input) and target (teacher output) of aligned face crops (the
+    canonical template of fxassets.faces: eyes / nose / mouth at faces.template(H, margin) positions; crops are
+    the full aligned crops, e.g. 256 px, BEFORE random cropping). Returns augmented copies, same shapes, with the SAME
+    random transform applied to both sides of each pair: occluder paste (with probability cfg.occluder_probability,
+    kind drawn from cfg.occluders), small affine jitter (rotation/scale/translation), horizontal flip, colour jitter.
+
+    `margin`: the framing margin the crops were made with (params `faces.margin`), which places the occluders.
+    All randomness comes from `gen`; the inputs are never modified."""
+    _check_pair(source, target)
+    n, _, h, w = source.shape
+    u = torch.rand(n, _N_UNIFORMS, generator=gen, dtype=torch.float64, device=gen.device).cpu()
+    seeds = torch.randint(0, 2**62, (n,), generator=gen, device=gen.device).cpu().tolist()
+    occluded = occluder_choices(u, cfg)
+    flip = (u[:, _U_FLIP] < 0.5) if cfg.flip else torch.zeros(n, dtype=torch.bool)
+    flipped = flip.nonzero().flatten().to(source.device)
+    affine = cfg.rotate_deg > 0 or cfg.scale > 0 or cfg.translate > 0
+    colour = cfg.brightness > 0 or cfg.contrast > 0 or cfg.saturation > 0 or cfg.hue > 0
+    if occluded and h != w:
+        raise ValueError(f"occluders need square crops (the face template), got {h} x {w}")
+
+    if not (occluded or affine or colour):  # at most a flip: exact copies, mirrored rows
+        src, tgt = source.clone(), target.clone()
+        if len(flipped):
+            src[flipped] = src[flipped].flip(-1)
+            tgt[flipped] = tgt[flipped].flip(-1)
+        return src, tgt
+
+    # source and target side by side as 6 channels: one resampling pass serves both
+    pair = torch.cat([source, target], dim=1)
+
+    # 1. occluders, in template coordinates (before the warp moves the face)
+    for i, kind in occluded:
+        patch, (y0, x0) = _occluder_patch(kind, h, torch.Generator().manual_seed(seeds[i]), margin)
+        patch = patch.to(device=pair.device, dtype=pair.dtype)
+        rgb, alpha = patch[:3], patch[3:]
+        window = pair[i, :, y0 : y0 + patch.shape[1], x0 : x0 + patch.shape[2]]
+        window[:3].lerp_(rgb, alpha)  # alpha * rgb + (1 - alpha) * image
+        window[3:].lerp_(rgb, alpha)
+
+    # 2. + 3. affine jitter and flip (folded into the warp when there is one)
+    if affine:
+        grid = sampling_grid(affine_matrices(u, h, w, cfg, flip), h, w, dtype=pair.dtype, device=pair.device)
+        pair = F.grid_sample(pair, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+    elif len(flipped):
+        pair[flipped] = pair[flipped].flip(-1)
+
+    # 4. colour jitter: the same colour map on both sides (writes new tensors, clamped to [0, 1])
+    if colour:
+        matrix, offset = colour_matrices(u, cfg, _gray_mean(pair[:, :3]))
+        return apply_colour(pair[:, :3], matrix, offset), apply_colour(pair[:, 3:], matrix, offset)
+    # bilinear weights sum to 1 only up to rounding
+    return pair[:, :3].clamp(0, 1), pair[:, 3:].clamp(0, 1)
+
+
+def _check_pair(source: torch.Tensor, target: torch.Tensor) -> None:
+    for name, x in (("source", source), ("target", target)):
+        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(f"{name} must be a float N x 3 x H x W tensor, got {tuple(x.shape)} {x.dtype}")
+    if source.shape != target.shape or source.dtype != target.dtype or source.device != target.device:
+        raise ValueError(f"source and target differ: {tuple(source.shape)} {source.dtype} {source.device} vs "
+                         f"{tuple(target.shape)} {target.dtype} {target.device}")
+    if min(source.shape[2:]) < 2:
+        raise ValueError(f"crops must be at least 2 x 2 pixels, got {tuple(source.shape[2:])}")
+
+
+def _uniform(u: torch.Tensor, col: int, half_range: float) -> torch.Tensor:
+    """Column `col` of the uniforms mapped to [-half_range, half_range]."""
+    return (2 * u[:, col] - 1) * half_range
+
+
+def occluder_choices(u: torch.Tensor, cfg: AugmentConfig) -> list[tuple[int, str]]:
+    """(pair index, occluder kind) for the pairs that get an occluder."""
+    if cfg.occluder_probability <= 0 or not cfg.occluders:
+        return []
+    kinds = cfg.occluders
+    return [
+        (i, kinds[min(int(u[i, _U_KIND] * len(kinds)), len(kinds) - 1)])
+        for i in range(u.shape[0])
+        if u[i, _U_OCCLUDE] < cfg.occluder_probability
+    ]
+
+
+def affine_matrices(u: torch.Tensor, h: int, w: int, cfg: AugmentConfig, flip: torch.Tensor) -> torch.Tensor:
+    """N x 2 x 3 float64 forward maps (input pixel -> output pixel, pixel centres at integers): rotation by up to
+    +-cfg.rotate_deg and zoom by up to +-cfg.scale about the crop centre, shift by up to +-cfg.translate of the
+    size, then a mirror for the rows of `flip`."""
+    n = u.shape[0]
+    centre = torch.tensor([[(w - 1) / 2, (h - 1) / 2]], dtype=torch.float64).expand(n, 2)
+    angle = _uniform(u, _U_ANGLE, cfg.rotate_deg)
+    zoom = (1 + _uniform(u, _U_SCALE, cfg.scale)).clamp(min=1e-3)
+    m = get_rotation_matrix2d(centre.contiguous(), angle, zoom[:, None].expand(n, 2).contiguous()).clone()
+    m[:, 0, 2] += _uniform(u, _U_TX, cfg.translate) * w
+    m[:, 1, 2] += _uniform(u, _U_TY, cfg.translate) * h
+    mirrored = m.clone()
+    mirrored[:, 0] = -m[:, 0]
+    mirrored[:, 0, 2] += w - 1  # x -> (w - 1) - x after the jitter
+    return torch.where(flip[:, None, None], mirrored, m)
+
+
+def sampling_grid(matrices: torch.Tensor, h: int, w: int, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """N x H x W x 2 grid for F.grid_sample(align_corners=True) of the forward maps `matrices` (N x 2 x 3): each
+    output pixel's position in the input, normalized to [-1, 1]. Built by broadcasting the inverse map (what
+    F.affine_grid does with a batched matmul, several times slower on a CPU)."""
+    a = matrices[:, :, :2].to(torch.float64)
+    inv = torch.linalg.inv(a)
+    shift = -(inv @ matrices[:, :, 2:].to(torch.float64))[..., 0]
+    norm = torch.tensor([2 / (w - 1), 2 / (h - 1)], dtype=torch.float64)
+    coef = torch.cat([inv * norm[None, :, None], (shift * norm - 1)[..., None]], dim=2).to(dtype)  # N x 2 x 3
+    xs = torch.arange(w, dtype=dtype)
+    ys = torch.arange(h, dtype=dtype)
+    grid = torch.empty(matrices.shape[0], h, w, 2, dtype=dtype)
+    for k in range(2):
+        along_x = coef[:, k, 0, None, None] * xs[None, None, :]  # N x 1 x W
+        along_y = coef[:, k, 1, None, None] * ys[None, :, None] + coef[:, k, 2, None, None]  # N x H x 1
+        torch.add(along_x, along_y, out=grid[..., k])
+    return grid.to(device)
+
+
+def _gray_mean(x: torch.Tensor) -> torch.Tensor:
+    """Per-image mean of kornia's grey (N,), as float64."""
+    return x.mean(dim=(2, 3)).to(device="cpu", dtype=torch.float64) @ torch.tensor(GRAY_WEIGHTS, dtype=torch.float64)
+
+
+def hue_matrix(turns: torch.Tensor) -> torch.Tensor:
+    """N x 3 x 3 RGB maps turning the hue by `turns` (N,) of a full turn: a rotation of the YIQ chroma plane, in
+    the direction of kornia.enhance.adjust_hue (red towards yellow for a positive shift); greys stay put."""
+    theta = -2 * math.pi * turns.to(torch.float64)
+    c, s = torch.cos(theta), torch.sin(theta)
+    rot = torch.zeros(turns.shape[0], 3, 3, dtype=torch.float64)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
+    return torch.from_numpy(_YIQ_TO_RGB) @ rot @ torch.from_numpy(_RGB_TO_YIQ)
+
+
+def colour_matrices(u: torch.Tensor, cfg: AugmentConfig, gray_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N x 3 x 3, N) float64: colour jitter as out = matrix @ rgb + offset, composing kornia's brightness
+    (multiply by [1-b, 1+b]), contrast (about the grey mean, factor [1-c, 1+c]), saturation (towards the grey,
+    factor [1-s, 1+s]) and hue ([-h, h] turns), in that order. `gray_mean`: the images' grey means (N,)."""
+    n = u.shape[0]
+    bright = (1 + _uniform(u, _U_BRIGHT, cfg.brightness)).clamp(min=0)
+    contrast = (1 + _uniform(u, _U_CONTRAST, cfg.contrast)).clamp(min=0)
+    sat = (1 + _uniform(u, _U_SAT, cfg.saturation)).clamp(min=0)
+    gray = torch.tensor(GRAY_WEIGHTS, dtype=torch.float64)
+    eye = torch.eye(3, dtype=torch.float64).expand(n, 3, 3)
+    saturation = sat[:, None, None] * eye + (1 - sat)[:, None, None] * gray.expand(3, 3)  # rows: s * e_i + (1-s) * w
+    matrix = hue_matrix(_uniform(u, _U_HUE, cfg.hue)) @ saturation * (bright * contrast)[:, None, None]
+    # contrast pivots on the grey mean after brightness; a grey offset passes saturation and hue unchanged
+    offset = (1 - contrast) * bright * gray_mean.to(torch.float64)
+    return matrix, offset
+
+
+def apply_colour(x: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """clamp(matrix @ rgb + offset, 0, 1) per image, as a new contiguous tensor: x N x 3 x H x W (a channel slice
+    of a wider tensor is fine: no copy), matrix N x 3 x 3, offset (N,)."""
+    n, _, h, w = x.shape
+    m = matrix.to(device=x.device, dtype=x.dtype)
+    b = offset.to(device=x.device, dtype=x.dtype)[:, None, None].expand(n, 3, 1)
+    return torch.baddbmm(b, m, x.reshape(n, 3, h * w)).clamp_(0, 1).view(n, 3, h, w)
+
+
+# ---------------------------------------------------------------------------------------------------- occluders
+
+
+def draw_occluder(kind: str, size: int, gen: torch.Generator, margin: float = faces.DEFAULT_MARGIN) -> torch.Tensor:
+    """One random occluder as a float32 4 x size x size RGBA layer (straight alpha, values in [0, 1]) for a
+    `size` aligned crop with `margin`: "glasses" (thin frame, clear lenses), "sunglasses" (dark, mostly opaque
+    lenses) around the template's eyes, or "hand" (a skin-toned palm with fingers over the lower face, coming in
+    from below or from one side). Position, size, shape and colours jitter; all randomness comes from `gen`."""
+    patch, (y0, x0) = _occluder_patch(kind, size, gen, margin)
+    layer = torch.zeros(4, size, size)
+    layer[:, y0 : y0 + patch.shape[1], x0 : x0 + patch.shape[2]] = patch
+    return layer
+
+
+def _occluder_patch(kind: str, size: int, gen: torch.Generator, margin: float) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The occluder's bounding box only (4 x h x w RGBA) and its top-left corner (y, x) in the crop: what
+    augment_pairs pastes (shading and compositing a box, not the whole crop, keeps a pair under a millisecond)."""
+    if kind not in OCCLUDERS:
+        raise ValueError(f"unknown occluder {kind!r}; expected one of {', '.join(OCCLUDERS)}")
+    draws = _Draws(gen)
+    points = faces.template(size, margin)
+    rgb, alpha, box = _hand(points, size, draws) if kind == "hand" else _glasses(points, size, draws, kind == "sunglasses")
+    patch = np.concatenate([rgb, alpha[..., None]], axis=2).transpose(2, 0, 1)
+    return torch.from_numpy(np.clip(patch, 0, 1).astype(np.float32)), (box.y0, box.x0)
+
+
+class _Draws:
+    """Uniforms from `gen`, drawn as one block (a fixed number per occluder), handed out one by one."""
+
+    def __init__(self, gen: torch.Generator, count: int = _N_DRAWS):
+        self._u = torch.rand(count, generator=gen, dtype=torch.float64, device=gen.device).tolist()
+        self._i = 0
+
+    def __call__(self, lo: float = 0.0, hi: float = 1.0) -> float:
+        value = self._u[self._i]
+        self._i += 1
+        return lo + (hi - lo) * value
+
+    def pick(self, options: Sequence):
+        return options[min(int(self() * len(options)), len(options) - 1)]
+
+
+_SHIFT = 4  # cv2 drawing with 4 fractional bits
+_AA = cv2.LINE_AA
+
+
+def _fixed(points: np.ndarray) -> np.ndarray:
+    return np.round(np.asarray(points, np.float64) * (1 << _SHIFT)).astype(np.int32).reshape(-1, 1, 2)
+
+
+def _point(p: np.ndarray) -> tuple[int, int]:
+    q = _fixed(p)[0, 0]
+    return int(q[0]), int(q[1])
+
+
+def _edge_sigma(size: int) -> float:
+    return 0.6 * size / 256  # the soft edge (~0.6 px at 256)
+
+
+class _Box:
+    """The bounding box of masks drawn on the full crop, padded for the soft edge: crops arrays to it and gives
+    its pixels' coordinates."""
+
+    def __init__(self, masks: Sequence[np.ndarray], size: int):
+        x, y, w, h = cv2.boundingRect(np.maximum.reduce(list(masks)))
+        pad = math.ceil(3 * _edge_sigma(size)) + 2
+        self.x0, self.y0 = max(0, x - pad), max(0, y - pad)
+        self.x1, self.y1 = min(size, x + w + pad), min(size, y + h + pad)
+        if self.x1 <= self.x0 or self.y1 <= self.y0:  # nothing drawn
+            self.x0, self.y0, self.x1, self.y1 = 0, 0, 1, 1
+        self.size = size
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        return a[self.y0 : self.y1, self.x0 : self.x1]
+
+    def coords(self) -> tuple[np.ndarray, np.ndarray]:
+        """(y, x) float32 pixel coordinates of the box (crop pixels, centres at integers)."""
+        yy, xx = np.mgrid[self.y0 : self.y1, self.x0 : self.x1]
+        return yy.astype(np.float32), xx.astype(np.float32)
+
+    def soft(self, mask: np.ndarray) -> np.ndarray:
+        """uint8 full-crop mask -> float32 alpha of the box in [0, 1], edges slightly softened."""
+        return cv2.GaussianBlur(self(mask).astype(np.float32) / 255, (0, 0), _edge_sigma(self.size))
+
+    def flat(self, colour: Sequence[float]) -> np.ndarray:
+        return np.broadcast_to(np.asarray(colour, np.float32), (self.y1 - self.y0, self.x1 - self.x0, 3))
+
+
+def _over(front: tuple[np.ndarray, np.ndarray], back: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Porter-Duff 'over' of straight-alpha layers (rgb H x W x 3, alpha H x W)."""
+    (cf, af), (cb, ab) = front, back
+    alpha = af + ab * (1 - af)
+    rgb = (cf * af[..., None] + cb * (ab * (1 - af))[..., None]) / np.maximum(alpha, 1e-6)[..., None]
+    return rgb.astype(np.float32), alpha.astype(np.float32)
+
+
+def _smoothstep(t: np.ndarray) -> np.ndarray:
+    t = np.clip(t, 0, 1)
+    return t * t * (3 - 2 * t)
+
+
+_FRAME_COLOURS = (
+    (0.04, 0.04, 0.05), (0.05, 0.05, 0.05), (0.22, 0.13, 0.07), (0.42, 0.25, 0.11),  # black, black, brown, tortoise
+    (0.78, 0.64, 0.35), (0.72, 0.73, 0.75), (0.60, 0.08, 0.10), (0.08, 0.13, 0.40),  # gold, silver, red, navy
+    (0.30, 0.30, 0.33), (0.55, 0.35, 0.55),  # grey, purple
+)
+_SUN_LENSES = ((0.05, 0.05, 0.06), (0.16, 0.10, 0.05), (0.06, 0.11, 0.07), (0.07, 0.09, 0.16), (0.12, 0.12, 0.12))
+
+
+def _glasses(points: np.ndarray, size: int, r: _Draws, dark: bool) -> tuple[np.ndarray, np.ndarray, _Box]:
+    """A frame around both eyes with a bridge and temples back to the ears; clear lenses (a faint tint and a
+    reflection) or, `dark`, sunglasses' tinted, mostly opaque lenses."""
+    left_eye, right_eye = points[0], points[1]
+    d = float(np.linalg.norm(right_eye - left_eye))
+    tilt = math.radians(r(-3, 3))
+    ex = np.array([math.cos(tilt), math.sin(tilt)])  # along the eyes, towards the image's right
+    ey = np.array([-math.sin(tilt), math.cos(tilt)])  # down the face
+    k = r(0.92, 1.1)
+    centre = (left_eye + right_eye) / 2 + d * (r(-0.03, 0.03) * ex + r(0.0, 0.08) * ey)
+    sep = d * k * r(0.98, 1.05)  # lens centre to lens centre
+    half_w = min(d * k * r(0.36, 0.45), sep / 2 - 0.07 * d)
+    top = half_w * r(0.58, 0.8)
+    bottom = top * (r(1.0, 1.3) if dark else r(0.95, 1.12))
+    exponent = r(2.0, 5.0)  # superellipse: 2 = ellipse, larger = rounder rectangle
+    t = max(1, round(d * r(0.025, 0.055) * (1.3 if dark else 1.0)))  # frame thickness (px)
+
+    theta = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    cx, sy = np.cos(theta), np.sin(theta)
+    lx = half_w * np.sign(cx) * np.abs(cx) ** (2 / exponent)
+    ly = np.where(sy < 0, top, bottom) * np.sign(sy) * np.abs(sy) ** (2 / exponent)
+    frame = np.zeros((size, size), np.uint8)
+    lens = np.zeros((size, size), np.uint8)
+    inner = []
+    for side in (-1, 1):  # the image's left lens, then the right one
+        c = centre + side * sep / 2 * ex
+        outline = _fixed(c + np.outer(side * lx, ex) + np.outer(ly, ey))
+        cv2.fillPoly(lens, [outline], 255, _AA, _SHIFT)
+        cv2.polylines(frame, [outline], True, 255, t, _AA, _SHIFT)
+        # temple: from the lens' outer edge, a little above its middle, back to the ear
+        start = c + side * half_w * 0.97 * ex - 0.45 * top * ey
+        end = centre + side * d * r(1.25, 1.38) * ex + (r(-0.05, 0.1) * d - 0.45 * top) * ey
+        cv2.line(frame, _point(start), _point(end), 255, max(1, round(t * r(0.9, 1.3))), _AA, _SHIFT)
+        inner.append(c - side * half_w * 0.92 * ex - 0.4 * top * ey)
+    # bridge: a shallow arch between the lenses' inner edges
+    arch = centre - (0.45 * top + r(0.0, 0.08) * d) * ey
+    cv2.polylines(frame, [_fixed(np.stack([inner[0], arch, inner[1]]))], False, 255, t, _AA, _SHIFT)
+
+    box = _Box([frame, lens], size)
+    frame_a, lens_a = box.soft(frame), box.soft(lens)
+    frame_rgb = box.flat(np.clip(np.asarray(r.pick(_FRAME_COLOURS)) * r(0.8, 1.2), 0, 1))
+    yy, xx = box.coords()
+    if dark:
+        lens_rgb = box.flat(np.asarray(r.pick(_SUN_LENSES)) * r(0.8, 1.4))
+        rel_y = ((xx - centre[0]) * ey[0] + (yy - centre[1]) * ey[1]) / (top + bottom)  # ~ -0.5 top .. 0.5 bottom
+        opacity = r(0.88, 0.97) * (1 - r(0.0, 0.25) * np.clip(rel_y + 0.5, 0, 1))  # gradient lens: lighter below
+    else:
+        tint = r(0.75, 0.95)
+        lens_rgb = box.flat((tint * r(0.95, 1.0), tint * r(0.97, 1.0), tint))
+        opacity = np.float32(r(0.04, 0.12))
+    # a soft diagonal reflection across both lenses
+    along = ((xx - centre[0]) * 0.5 + (yy - centre[1]) * 0.87) / half_w
+    glare = r(0.06, 0.22) * np.exp(-(((along - r(-0.6, 0.2)) / r(0.12, 0.3)) ** 2))
+    lens_layer = _over((box.flat((1.0, 1.0, 1.0)), lens_a * glare), (lens_rgb, lens_a * opacity))
+    return (*_over((frame_rgb, frame_a), lens_layer), box)
+
+
+_SKIN = ((0.97, 0.84, 0.74), (0.80, 0.60, 0.46), (0.36, 0.23, 0.16))  # light, medium, dark
+
+
+def _hand(points: np.ndarray, size: int, r: _Draws) -> tuple[np.ndarray, np.ndarray, _Box]:
+    """A palm with 3-4 fingers (and most often a thumb) over the mouth and chin, the forearm running off the
+    crop: from below, or from the image's left or right; skin tone from light to dark, shaded towards the edges."""
+    left_eye, right_eye, _nose, mouth = points
+    d = float(np.linalg.norm(right_eye - left_eye))
+    k = d * r(0.85, 1.1)  # hand scale (an adult hand: palm ~1.35, middle finger ~1.2 eye distances)
+    where = r()
+    if where < 0.5:  # from below, fingers up over mouth and chin
+        angle = r(-25, 25)
+        anchor = mouth + d * np.array([r(-0.5, 0.5), r(0.3, 0.8)])  # middle of the knuckle line
+    else:  # from the image's left or right, fingers across the mouth / cheek
+        side = -1 if where < 0.75 else 1
+        angle = -side * (90 + r(-30, 25))
+        anchor = mouth + d * np.array([side * r(0.55, 1.0), r(-0.45, 0.25)])
+    a = math.radians(angle)
+    up = np.array([math.sin(a), -math.cos(a)])  # the fingers' direction
+    across = np.array([math.cos(a), math.sin(a)])
+
+    n_fingers = 4 if r() < 0.7 else 3
+    width = k * r(0.26, 0.31)
+    length = k * r(1.0, 1.2)
+    rel = (0.9, 1.0, 0.94, 0.74) if n_fingers == 4 else (0.93, 1.0, 0.9)
+    order = 1 if r() < 0.5 else -1  # index finger on the left or the right
+    spread = r(0.0, 5.0)
+    gap = width * r(0.98, 1.1)
+    palm_w = n_fingers * gap + 0.2 * width
+    palm_len = k * r(1.2, 1.45)
+    pieces: list[np.ndarray] = []
+
+    def piece() -> np.ndarray:
+        pieces.append(np.zeros((size, size), np.uint8))
+        return pieces[-1]
+
+    # palm (a rounded square) with the wrist and forearm running off towards the crop edge
+    palm_c = anchor - up * palm_len / 2
+    theta = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    ct, st = np.cos(theta), np.sin(theta)
+    px = palm_w / 2 * np.sign(ct) * np.abs(ct) ** (2 / 3)
+    py = palm_len / 2 * np.sign(st) * np.abs(st) ** (2 / 3)
+    palm = piece()
+    cv2.fillPoly(palm, [_fixed(palm_c + np.outer(px, across) + np.outer(py, up))], 255, _AA, _SHIFT)
+    arm_w = palm_w * r(0.75, 0.9) / 2
+    wrist = palm_c - up * palm_len * 0.3
+    far = wrist - up * 3 * size
+    arm = np.stack([wrist - across * arm_w, wrist + across * arm_w, far + across * arm_w * 1.2, far - across * arm_w * 1.2])
+    cv2.fillPoly(palm, [_fixed(arm)], 255, _AA, _SHIFT)
+
+    for i in range(n_fingers):
+        slot = (i - (n_fingers - 1) / 2) * order
+        turn = math.radians(slot * spread)
+        direction = up * math.cos(turn) + across * math.sin(turn)
+        base = anchor + across * slot * gap - up * 0.3 * width
+        tip = base + direction * (rel[i] * length - width / 2)
+        cv2.line(piece(), _point(base), _point(tip), 255, max(1, round(width)), _AA, _SHIFT)
+    if r() < 0.7:  # thumb, on the index finger's side, angled outwards
+        side = -order
+        turn = math.radians(r(30, 60))
+        direction = up * math.cos(turn) + across * side * math.sin(turn)
+        base = palm_c + across * side * palm_w * 0.3 - up * palm_len * 0.15
+        tip = base + direction * length * r(0.7, 0.85)
+        cv2.line(piece(), _point(base), _point(tip), 255, max(1, round(width * 1.15)), _AA, _SHIFT)
+
+    # shading: each piece darkens towards its own edge, so touching fingers leave a crease between them
+    box = _Box(pieces, size)
+    depth = np.zeros((box.y1 - box.y0, box.x1 - box.x0), np.float32)
+    for mask in pieces:
+        dist = cv2.distanceTransform((box(mask) > 127).astype(np.uint8), cv2.DIST_L2, 3)
+        np.maximum(depth, dist, out=depth)
+    shade = 0.6 + 0.4 * _smoothstep(depth / (0.5 * width))
+    lit = r(0, 2 * math.pi)  # light from one side: +-12% per hand size
+    yy, xx = box.coords()
+    shade *= np.clip(1 + 0.12 * ((xx - anchor[0]) * math.cos(lit) + (yy - anchor[1]) * math.sin(lit)) / k, 0.75, 1.15)
+    tone = r()  # light .. medium .. dark
+    lo, hi, f = (_SKIN[0], _SKIN[1], 2 * tone) if tone < 0.5 else (_SKIN[1], _SKIN[2], 2 * tone - 1)
+    skin = np.asarray(lo) + (np.asarray(hi) - np.asarray(lo)) * f
+    skin = np.clip(skin * np.array([r(0.95, 1.05), r(0.95, 1.05), r(0.95, 1.05)]), 0, 1)
+    # shadows redden a little: red darkens least, blue most
+    rgb = skin * shade[..., None] ** np.array([0.8, 1.0, 1.2])
+    return rgb.astype(np.float32), box.soft(np.maximum.reduce(pieces)), box
+
+
+# ------------------------------------------------------------------------------------------------------ preview
+
+
+def preview_grid(images: torch.Tensor, gen: torch.Generator, margin: float = faces.DEFAULT_MARGIN,
+                 cfg: AugmentConfig | None = None) -> np.ndarray:
+    """uint8 H x W x 3 grid to eyeball the augmentation: per face (N x 3 x S x S float), a row of the face, each
+    occluder kind pasted on it, and two full augmentations with `cfg` (default: AugmentConfig())."""
+    cfg = cfg or AugmentConfig()
+    rows = []
+    for face in images:
+        tiles = [face]
+        for kind in OCCLUDERS:
+            layer = draw_occluder(kind, face.shape[-1], gen, margin)
+            tiles.append(torch.lerp(face, layer[:3], layer[3:]))
+        for _ in range(2):
+            tiles.append(augment_pairs(face[None], face[None], cfg, gen, margin)[0][0])
+        rows.append(torch.cat(tiles, dim=2))
+    grid = torch.cat(rows, dim=1)
+    return (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fxassets.augment", description="Preview the occluders and the augmentation.")
+    parser.add_argument("output", help="PNG to write")
+    parser.add_argument("faces", nargs="+", help="aligned face crops (square PNGs)")
+    parser.add_argument("--margin", type=float, default=faces.DEFAULT_MARGIN, help="the crops' framing margin")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from fxassets.images import read_png_rgb
+
+    images = torch.stack([torch.from_numpy(read_png_rgb(p)).permute(2, 0, 1).float() / 255 for p in args.faces])
+    grid = preview_grid(images, torch.Generator().manual_seed(args.seed), args.margin)
+    cv2.imwrite(args.output, cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+
+
+if __name__ == "__main__":
+    _main()
