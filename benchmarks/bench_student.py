@@ -20,21 +20,8 @@ import torch
 
 from fxassets.atomic import write_json
 from fxassets.config import TrainConfig
-from fxassets.student import build_student, count_params, load_student
+from fxassets.student import build_student, count_macs, count_params, load_student
 from fxassets.train import train_student
-
-
-def macs_per_frame(model: torch.nn.Module, size: int = 256) -> int | None:
-    """Multiply-accumulates of one forward pass (conv/matmul only), or None if the counter is unavailable."""
-    try:
-        from torch.utils.flop_counter import FlopCounterMode
-    except ImportError:  # pragma: no cover - old torch
-        return None
-    x = torch.rand(1, 3, size, size)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() // 2
 
 
 def latency_ms(model: torch.nn.Module, size: int = 256, runs: int = 30, threads: int = 1) -> dict[str, float]:
@@ -102,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [dict(zip(("step", "train_loss", "heldout_psnr", "heldout_ssim"), map(float, line.split(","))))
             for line in curve_text.splitlines()[1:]]
-    macs = macs_per_frame(build_student(cfg.encoder, cfg.width).eval())
+    macs = count_macs(build_student(cfg.encoder, cfg.width, blocks=cfg.decoder_blocks, head_blocks=cfg.head_blocks))
     report = {
         "config": cfg.model_dump(mode="json"),
         "metrics": metrics,

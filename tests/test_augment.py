@@ -155,14 +155,20 @@ def test_range_shape_dtype(dtype):
         assert out.min() >= 0 and out.max() <= 1
 
 
+def test_non_square_crops_get_the_centre_of_the_square_occluder():
+    cfg = OFF.model_copy(update={"occluder_probability": 1.0, "occluders": ("sunglasses",)})
+    _, full = augment_pairs(torch.ones(1, 3, 256, 256), torch.ones(1, 3, 256, 256), cfg, gen(3))
+    _, part = augment_pairs(torch.ones(1, 3, 256, 192), torch.ones(1, 3, 256, 192), cfg, gen(3))
+    assert part.shape == (1, 3, 256, 192) and not torch.equal(part, torch.ones_like(part))
+    assert torch.allclose(part, full[..., 32:224])  # the 256 square's layer, cut to its centre 192 columns
+
+
 def test_bad_inputs():
     x = faces_like(2, size=32)
     with pytest.raises(ValueError, match="differ"):
         augment_pairs(x, x[:1], STRONG, gen(0))
     with pytest.raises(ValueError, match="N x 3 x H x W"):
         augment_pairs(x[:, :1], x[:, :1], STRONG, gen(0))
-    with pytest.raises(ValueError, match="square"):
-        augment_pairs(x[..., :20], x[..., :20], OFF.model_copy(update={"occluder_probability": 1.0}), gen(0))
     with pytest.raises(ValueError, match="unknown occluder"):
         draw_occluder("hat", 32, gen(0))
 

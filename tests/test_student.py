@@ -207,3 +207,30 @@ def test_metrics():
     assert image_scores(a[:1], b[:1])["psnr"] == pytest.approx(10 * math.log10(1 / mse), abs=1e-3)
     assert float(l1_ssim_loss(a, a, 1.0, 0.5)) == pytest.approx(0.0, abs=1e-4)
     assert float(l1_ssim_loss(a, b, 1.0, 0.0)) == pytest.approx(float((a - b).abs().mean()), abs=1e-6)
+
+
+def test_count_macs():
+    from fxassets.student import count_macs
+
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    assert count_macs(conv, size=16) == 3 * 8 * 9 * 16 * 16
+    small, big = build_student(width=0.5), build_student(width=1.0)
+    assert 0 < count_macs(small, size=64) < count_macs(big, size=64)
+    assert big.training  # left in the mode it was in
+
+
+def test_random_batch_augments_both_sides_alike():
+    from fxassets.config import AugmentConfig
+    from fxassets.train import PairSet, random_batch
+
+    torch.manual_seed(0)
+    src = (torch.rand(3, 3, 64, 64) * 255).to(torch.uint8)
+    same = PairSet(src, src.clone(), ["a", "b", "c"])
+    cfg = AugmentConfig(occluder_probability=1.0)
+    a, b = random_batch(same, 4, 32, torch.Generator().manual_seed(1), cfg)
+    assert a.shape == (4, 3, 32, 32) and torch.equal(a, b)  # one transform for both sides, then one window
+    plain, _ = random_batch(same, 4, 64, torch.Generator().manual_seed(1), None)  # flips only, whole crops
+    full, _ = random_batch(same, 4, 64, torch.Generator().manual_seed(1), cfg)
+    originals = [src[i].float() / 255 for i in range(3)] + [src[i].flip(-1).float() / 255 for i in range(3)]
+    assert all(any(torch.equal(p, o) for o in originals) for p in plain)
+    assert not any(torch.equal(p, o) for p in full for o in originals)  # occluders and jitter changed every sample

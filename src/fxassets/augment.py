@@ -91,8 +91,6 @@ def augment_pairs(
     flipped = flip.nonzero().flatten().to(source.device)
     affine = cfg.rotate_deg > 0 or cfg.scale > 0 or cfg.translate > 0
     colour = cfg.brightness > 0 or cfg.contrast > 0 or cfg.saturation > 0 or cfg.hue > 0
-    if occluded and h != w:
-        raise ValueError(f"occluders need square crops (the face template), got {h} x {w}")
 
     if not (occluded or affine or colour):  # at most a flip: exact copies, mirrored rows
         src, tgt = source.clone(), target.clone()
@@ -105,9 +103,15 @@ def augment_pairs(
     pair = torch.cat([source, target], dim=1)
 
     # 1. occluders, in template coordinates (before the warp moves the face)
+    side = max(h, w)  # a non-square crop is taken as the centre of the square crop of its longer side
     for i, kind in occluded:
-        patch, (y0, x0) = _occluder_patch(kind, h, torch.Generator().manual_seed(seeds[i]), margin)
-        patch = patch.to(device=pair.device, dtype=pair.dtype)
+        patch, (y0, x0) = _occluder_patch(kind, side, torch.Generator().manual_seed(seeds[i]), margin)
+        y0, x0 = y0 - (side - h) // 2, x0 - (side - w) // 2
+        top, left = max(0, -y0), max(0, -x0)
+        patch = patch[:, top : h - y0, left : w - x0].to(device=pair.device, dtype=pair.dtype)
+        if patch.numel() == 0:
+            continue
+        y0, x0 = y0 + top, x0 + left
         rgb, alpha = patch[:3], patch[3:]
         window = pair[i, :, y0 : y0 + patch.shape[1], x0 : x0 + patch.shape[2]]
         window[:3].lerp_(rgb, alpha)  # alpha * rgb + (1 - alpha) * image

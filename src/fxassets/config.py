@@ -271,6 +271,8 @@ class AugmentConfig(_Strict):
 class TrainConfig(_Strict):
     encoder: str = "mobilenetv3_small_100"
     width: float = Field(1.0, gt=0, le=2, description="decoder width multiplier")
+    decoder_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks after each decoder fuse")
+    head_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks in the half-resolution head")
     steps: int = Field(1200, ge=1)
     max_seconds: float = Field(0, ge=0, description="wall-clock budget; 0 = steps only")
     batch_size: int = Field(16, ge=1)

@@ -43,7 +43,7 @@ def stage_student_checkpoint(p: Params, effect: str, paths: EffectPaths, progres
     # resume checkpoints live outside the DVC outs (DVC deletes those before running the stage)
     state_dir = cache_root(paths.root) / "train" / effect
     return train_student(paths.pairs_dir, p.train, paths.checkpoint, paths.train_metrics, paths.train_curve, progress,
-                         state_dir=state_dir, root=paths.root)
+                         state_dir=state_dir, root=paths.root, margin=p.faces.margin)
 
 
 def stage_mobile_model(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:

@@ -118,6 +118,19 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def count_macs(model: nn.Module, size: int = 256) -> int:
+    """Multiply-accumulates of one size x size forward pass (convolutions and matmuls, torch's FLOP counter / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.rand(1, 3, size, size))
+    model.train(was_training)
+    return int(counter.get_total_flops() // 2)
+
+
 def save_student(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> None:
     """Write the weights (and BN statistics) as safetensors, atomically; `meta` goes into the header."""
     info = dict(meta)

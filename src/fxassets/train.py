@@ -29,11 +29,13 @@ from torch import nn
 from tqdm import tqdm
 
 from fxassets.atomic import write_json, write_text
-from fxassets.config import TrainConfig
+from fxassets.augment import augment_pairs
+from fxassets.config import AugmentConfig, TrainConfig
+from fxassets.faces import DEFAULT_MARGIN
 from fxassets.images import read_png_rgb
 from fxassets.losses import Objective
 from fxassets.metrics import image_scores, quantize
-from fxassets.student import build_student, count_params, save_student
+from fxassets.student import build_student, count_macs, count_params, save_student
 from fxassets.train_state import Checkpointer, run_key
 
 MANIFEST = "manifest.parquet"
@@ -42,6 +44,8 @@ STRIDE = 32  # the student needs H and W multiples of this
 WARMUP = 0.03  # share of the run spent warming the learning rate up
 WEIGHT_DECAY = 1e-4
 EVAL_BATCH = 4
+FLIPS_ONLY = AugmentConfig(rotate_deg=0, scale=0, translate=0, brightness=0, contrast=0, saturation=0, hue=0,
+                           occluder_probability=0)
 CURVE_HEADER = "step,train_loss,heldout_psnr,heldout_ssim,identity_psnr,identity_ssim"
 
 
@@ -94,22 +98,21 @@ def load_pairs(pairs_dir: Path, rows: pd.DataFrame) -> PairSet:
     return PairSet(stack(src), stack(tgt), [str(s) for s in rows["sample_id"]])
 
 
-def random_batch(pairs: PairSet, batch: int, crop: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """`batch` random crop x crop windows (same window in source and target), each flipped left-right half the time."""
+def random_batch(pairs: PairSet, batch: int, crop: int, gen: torch.Generator, augment: AugmentConfig | None = None,
+                 margin: float = DEFAULT_MARGIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` random pairs, augmented alike on both sides (`fxassets.augment`: occluders, affine and colour jitter,
+    flips; `augment` None: flips only), then one random crop x crop window each (the same in source and target)."""
     n, _, h, w = pairs.source.shape
-    idx = torch.randint(0, n, (batch,), generator=gen).tolist()
+    idx = torch.randint(0, n, (batch,), generator=gen)
+    src, tgt = pairs.source[idx].float().div_(255.0), pairs.target[idx].float().div_(255.0)
+    src, tgt = augment_pairs(src, tgt, augment or FLIPS_ONLY, gen, margin=margin)
+    if crop >= h and crop >= w:
+        return src, tgt
     ys = torch.randint(0, h - crop + 1, (batch,), generator=gen).tolist()
     xs = torch.randint(0, w - crop + 1, (batch,), generator=gen).tolist()
-    flips = torch.rand(batch, generator=gen).lt(0.5).tolist()
-    src, tgt = [], []
-    for i, y, x, f in zip(idx, ys, xs, flips):
-        a = pairs.source[i, :, y : y + crop, x : x + crop]
-        b = pairs.target[i, :, y : y + crop, x : x + crop]
-        if f:
-            a, b = a.flip(-1), b.flip(-1)
-        src.append(a)
-        tgt.append(b)
-    return torch.stack(src).float().div_(255.0), torch.stack(tgt).float().div_(255.0)
+    windows = [(a[:, y : y + crop, x : x + crop], b[:, y : y + crop, x : x + crop])
+               for a, b, y, x in zip(src, tgt, ys, xs)]
+    return torch.stack([a for a, _ in windows]), torch.stack([b for _, b in windows])
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
@@ -195,7 +198,8 @@ class FitResult:
 
 def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: torch.Generator,
         progress: bool = False, on_eval: Callable[[dict[str, float]], None] | None = None,
-        objective: Objective | None = None, checkpointer: Checkpointer | None = None) -> FitResult:
+        objective: Objective | None = None, checkpointer: Checkpointer | None = None,
+        margin: float = DEFAULT_MARGIN) -> FitResult:
     """The training loop: steps until cfg.steps or cfg.max_seconds, evaluating every cfg.eval_every and at the end
     (each evaluation's curve row also goes to `on_eval`, if given); resumes from and writes `checkpointer`'s
     checkpoints, if given."""
@@ -231,7 +235,7 @@ def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: 
             scale = lr_factor(done)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * scale
-            src, tgt = random_batch(train, cfg.batch_size, cfg.crop, gen)
+            src, tgt = random_batch(train, cfg.batch_size, cfg.crop, gen, cfg.augment, margin)
             out = model(src.contiguous(memory_format=torch.channels_last))
             loss = objective(src, out, tgt)
             opt.zero_grad(set_to_none=True)
@@ -274,22 +278,25 @@ def train_student(
     progress: bool = True,
     state_dir: Path | None = None,
     root: Path | None = None,
+    margin: float = DEFAULT_MARGIN,
 ) -> dict[str, Any]:
     """Distil the pairs in `pairs_dir` into a student; write checkpoint, metrics JSON and curve CSV; return metrics.
 
     `state_dir`: where resume checkpoints go (outside the DVC outputs; None: not resumable); deleted on success.
-    `root`: the folder a relative ``cfg.lpips_weights`` is read from (the project root; default the working dir)."""
+    `root`: the folder a relative ``cfg.lpips_weights`` is read from (the project root; default the working dir).
+    `margin`: the framing of the aligned crops (params faces.margin): where the augmentation's occluders go."""
     pairs_dir = Path(pairs_dir)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
         train, held = load_split(pairs_dir, cfg)
         gen = seed_everything(cfg.seed)
-        model = build_student(cfg.encoder, cfg.width)
+        model = build_student(cfg.encoder, cfg.width, blocks=cfg.decoder_blocks, head_blocks=cfg.head_blocks)
         objective = Objective(cfg, lpips_root=root)
         key = run_key(cfg, pairs_dir / MANIFEST, objective.lpips_path) if state_dir is not None else ""
         checkpointer = Checkpointer(state_dir, key, cfg.checkpoint_every)
-        result = fit(model, train, held, cfg, gen, progress=progress, objective=objective, checkpointer=checkpointer)
+        result = fit(model, train, held, cfg, gen, progress=progress, objective=objective, checkpointer=checkpointer,
+                     margin=margin)
         baseline = result.identity
         h, w = held.source.shape[-2:]
         metrics: dict[str, Any] = {
@@ -301,6 +308,7 @@ def train_student(
             "resumed_from_step": result.resumed_from,
             "train_seconds": round(result.seconds, 2),
             "params": count_params(model),
+            "macs_256": count_macs(model),
             "encoder": cfg.encoder,
             "width": cfg.width,
             "train_pairs": len(train),
