@@ -3,17 +3,18 @@ cannot reach 5 ms, choose the default from this frontier).
 
     python benchmarks/bench_frontier.py --json benchmarks/results/frontier.json          # latency only, minutes
     python benchmarks/bench_frontier.py --encoders mobilenetv3_small_100 lcnet_050 --widths 0.5 1.0
-    python benchmarks/bench_frontier.py --train-seconds 60 --pairs data/face_pairs/cartoon   # + held-out PSNR
+    python benchmarks/bench_frontier.py --train-steps 500 --pairs data/face_pairs/cartoon    # + held-out PSNR
+    python benchmarks/bench_frontier.py --decoders 0:0 1:1 --encoders mobilenetv4_conv_small_050 --widths 1.0
 
-For each encoder x width: build the student (`fxassets.student.build_student`), export it to ONNX (fp32) and to int8
+For each encoder x width x decoder (``B:H``: inverted-residual blocks per decoder stage : in the head): build the student (`fxassets.student.build_student`), export it to ONNX (fp32) and to int8
 (QDQ, the export stage's settings: per-channel int8 weights, uint8 activations).  Then every model is timed with ONNX
 Runtime CPU at 1 thread in one `fxassets.export.latency_compare` call: all side by side, taking turns in --rounds
 blocks, median of --runs each, so that the load of a shared machine hits every row alike.  Latency does not depend on
 the weights, so untrained students do.  `vs_ref` divides by the default student's int8 time (mobilenetv3_small_100,
 width 1.0): on a busy machine the milliseconds drift, the ratios much less.
 
-`--train-seconds N --pairs DIR` first trains each student for N seconds of wall clock (`fxassets.train.train_student`,
-the params.yaml `train` settings otherwise), adds its held-out PSNR / SSIM against the teacher, calibrates the int8
+`--train-steps N --pairs DIR` (or `--train-seconds N`, wall clock: noisy on a shared machine) first trains each
+student (`fxassets.train.train_student`, the params.yaml `train` settings otherwise), adds its held-out PSNR / SSIM against the teacher, calibrates the int8
 model on train crops of DIR and measures parity on its held-out crops; the frontier is then the rows no other row
 beats on both held-out PSNR and int8 latency.  Without training, the frontier is over parameters and latency.
 """
@@ -69,7 +70,7 @@ def pareto(rows: list[dict[str, Any]], quality: str | None) -> None:
         r["frontier"] = not any(better(o, r) for o in ok if o is not r)
 
 
-def build(encoder: str, width: float, args: argparse.Namespace, work: Path, calib: list[np.ndarray],
+def build(encoder: str, width: float, decoder: tuple[int, int], args: argparse.Namespace, work: Path, calib: list[np.ndarray],
           evals: list[np.ndarray], train_cfg: Any) -> dict[str, Any]:
     """Train (optional), export fp32 and int8 to `work`; the row without latency (`_fp32`, `_int8`: the files)."""
     import torch
@@ -77,13 +78,14 @@ def build(encoder: str, width: float, args: argparse.Namespace, work: Path, cali
     from fxassets.export import export_onnx, psnr, quantize_int8, to_input
     from fxassets.student import build_student, count_params, load_student
 
-    tag = f"{encoder}_w{width:g}"
-    row: dict[str, Any] = {"encoder": encoder, "width": width}
+    tag = f"{encoder}_w{width:g}_d{decoder[0]}{decoder[1]}"
+    row: dict[str, Any] = {"encoder": encoder, "width": width, "decoder": f"{decoder[0]}:{decoder[1]}"}
     t0 = time.perf_counter()
     if train_cfg is not None:
         from fxassets.train import train_student
 
-        cfg = train_cfg.model_copy(update={"encoder": encoder, "width": width})
+        cfg = train_cfg.model_copy(update={"encoder": encoder, "width": width, "decoder_blocks": decoder[0],
+                                           "head_blocks": decoder[1]})
         ckpt = work / f"{tag}.safetensors"
         m = train_student(args.pairs, cfg, ckpt, work / f"{tag}.metrics.json", work / f"{tag}.curve.csv", progress=False)
         row.update(heldout_psnr=m["heldout_psnr"], heldout_ssim=m["heldout_ssim"], identity_psnr=m["identity_psnr"],
@@ -91,7 +93,7 @@ def build(encoder: str, width: float, args: argparse.Namespace, work: Path, cali
         model, _ = load_student(ckpt)
     else:
         torch.manual_seed(0)
-        model = build_student(encoder, width).eval()
+        model = build_student(encoder, width, blocks=decoder[0], head_blocks=decoder[1]).eval()
     row["params"] = count_params(model)
     fp32, int8 = work / f"{tag}.onnx", work / f"{tag}.int8.onnx"
     exp = export_onnx(model, fp32, size=args.size, opset=args.opset)
@@ -121,14 +123,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"])
     ap.add_argument("--opset", type=int, default=18)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for export / training (ORT runs 1 thread)")
-    ap.add_argument("--train-seconds", type=float, default=0, help="train each student this long first (needs --pairs)")
+    ap.add_argument("--decoders", nargs="+", default=None, help="B:H decoder variants (default: params.yaml's)")
+    ap.add_argument("--train-steps", type=int, default=0, help="train each student this many steps first (needs --pairs)")
+    ap.add_argument("--train-seconds", type=float, default=0, help="... or this long (wall clock)")
     ap.add_argument("--pairs", type=Path, help="face_pairs folder: training data, calibration and held-out crops")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="train settings for --train-seconds")
     ap.add_argument("--keep", type=Path, help="keep the models (and checkpoints) in this folder")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
-    if args.train_seconds and not args.pairs:
-        ap.error("--train-seconds needs --pairs")
+    if (args.train_seconds or args.train_steps) and not args.pairs:
+        ap.error("--train-steps / --train-seconds need --pairs")
 
     import logging
 
@@ -140,12 +144,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from fxassets.export import latency_compare
     from fxassets.student import DEFAULT_ENCODER
 
-    train_cfg = None
-    if args.train_seconds:
-        from fxassets.config import TrainConfig, load_params
+    from fxassets.config import TrainConfig, load_params
 
-        base = load_params(args.params).train if args.params.is_file() else TrainConfig()
-        train_cfg = base.model_copy(update={"steps": 10**7, "max_seconds": float(args.train_seconds),
+    base = load_params(args.params).train if args.params.is_file() else TrainConfig()
+    default = (DEFAULT_ENCODER, 1.0, (base.decoder_blocks, base.head_blocks))
+    decoders = [tuple(int(v) for v in d.split(":")) for d in args.decoders] if args.decoders else [default[2]]
+    train_cfg = None
+    if args.train_seconds or args.train_steps:
+        train_cfg = base.model_copy(update={"steps": args.train_steps or 10**7, "max_seconds": float(args.train_seconds),
                                             "eval_every": 10**7, "threads": args.threads})
     if args.pairs:
         calib = _pairs_images(args.pairs, "train", args.calibration)
@@ -157,52 +163,56 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tmp = tempfile.TemporaryDirectory(prefix="bench_frontier.")
     work = args.keep or Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
-    combos = [(e, w) for e in args.encoders for w in args.widths]
-    if (DEFAULT_ENCODER, 1.0) not in combos:
-        combos.insert(0, (DEFAULT_ENCODER, 1.0))  # the reference
+    combos = [(e, w, d) for e in args.encoders for w in args.widths for d in decoders]
+    if default not in combos:
+        combos.insert(0, default)  # the reference
     rows: list[dict[str, Any]] = []
-    for encoder, width in combos:
+    for encoder, width, decoder in combos:
         try:
-            row = build(encoder, width, args, work, calib, evals, train_cfg)
+            row = build(encoder, width, decoder, args, work, calib, evals, train_cfg)
             done = f"{row['params']:,} params, built in {row['build_seconds']:.0f} s"
         except Exception as exc:  # an encoder timm lacks, or one the student cannot use: say so, go on
-            row = {"encoder": encoder, "width": width, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            row = {"encoder": encoder, "width": width, "decoder": f"{decoder[0]}:{decoder[1]}", "error": f"{type(exc).__name__}: {exc}"[:300]}
             done = row["error"]
         rows.append(row)
-        print(f"[{len(rows)}/{len(combos)}] {encoder} w{width:g}: {done}", file=sys.stderr, flush=True)
+        print(f"[{len(rows)}/{len(combos)}] {encoder} w{width:g} d{decoder[0]}:{decoder[1]}: {done}", file=sys.stderr, flush=True)
 
     ok = [r for r in rows if "error" not in r]
     models = {f"{i}:{kind}": r[f"_{kind}"] for i, r in enumerate(ok) for kind in ("fp32", "int8")}
     print(f"timing {len(models)} models side by side, {args.runs} runs each ...", file=sys.stderr, flush=True)
     ms = latency_compare(models, threads=1, runs=args.runs, warmup=args.warmup, rounds=args.rounds)
-    ref = next(r for r in ok if (r["encoder"], r["width"]) == (DEFAULT_ENCODER, 1.0)) if ok else None
+    ref_decoder = f"{default[2][0]}:{default[2][1]}"
+    ref = next(r for r in ok if (r["encoder"], r["width"], r["decoder"]) == (DEFAULT_ENCODER, 1.0, ref_decoder))
     for i, r in enumerate(ok):
         r.update(fp32_ms=ms[f"{i}:fp32"], int8_ms=ms[f"{i}:int8"])
         r["int8_over_fp32"] = r["int8_ms"] / r["fp32_ms"]
     for r in ok:
         r["int8_vs_ref"] = r["int8_ms"] / ref["int8_ms"]
         r["meets_target"] = r["int8_ms"] <= TARGET_MS
+        if "heldout_psnr" in r:  # quality per millisecond: dB gained over the unchanged input, per int8 ms
+            r["db_gain_per_int8_ms"] = (r["heldout_psnr"] - r["identity_psnr"]) / r["int8_ms"]
         for k in ("_fp32", "_int8"):
             r.pop(k)
 
     quality = "heldout_psnr" if train_cfg is not None else None
     pareto(rows, quality)
     ok.sort(key=lambda r: r["int8_ms"])
-    head = (f"{'encoder':34s} {'width':>5s} {'params':>9s} {'fp32 ms':>8s} {'int8 ms':>8s} {'int8/fp32':>9s} "
-            f"{'vs ref':>7s}" + (f" {'PSNR':>6s} {'parity':>6s}" if quality else "")
+    head = (f"{'encoder':34s} {'width':>5s} {'dec':>3s} {'params':>9s} {'fp32 ms':>8s} {'int8 ms':>8s} {'int8/fp32':>9s} "
+            f"{'vs ref':>7s}" + (f" {'PSNR':>6s} {'dB/ms':>6s} {'parity':>6s}" if quality else "")
             + ("  frontier (PSNR)" if quality else "  frontier (params)"))
     print(head)
     for r in ok:
-        extra = f" {r['heldout_psnr']:6.2f} {r['parity_psnr_db']:6.1f}" if quality else ""
-        print(f"{r['encoder']:34s} {r['width']:5.2f} {r['params']:9,d} {r['fp32_ms']:8.2f} {r['int8_ms']:8.2f} "
+        extra = (f" {r['heldout_psnr']:6.2f} {r['db_gain_per_int8_ms']:6.2f} {r['parity_psnr_db']:6.1f}" if quality else "")
+        print(f"{r['encoder']:34s} {r['width']:5.2f} {r['decoder']:>3s} {r['params']:9,d} {r['fp32_ms']:8.2f} {r['int8_ms']:8.2f} "
               f"{r['int8_over_fp32']:9.2f} {r['int8_vs_ref']:7.2f}{extra}  {'*' if r.get('frontier') else ''}")
     for r in rows:
         if "error" in r:
-            print(f"{r['encoder']} w{r['width']:g}: {r['error']}")
+            print(f"{r['encoder']} w{r['width']:g} d{r['decoder']}: {r['error']}")
     result = {
         "size": args.size, "runs": args.runs, "method": args.method, "threads_ort": 1,
         "calibration": "pairs" if args.pairs else "random", "train_seconds": args.train_seconds,
-        "reference": f"{DEFAULT_ENCODER} w1.0 int8", "target_ms": TARGET_MS,
+        "train_steps": args.train_steps,
+        "reference": f"{DEFAULT_ENCODER} w1.0 d{ref_decoder} int8", "target_ms": TARGET_MS,
         "onnxruntime": ort.__version__, "torch": torch.__version__, "rows": rows,
     }
     if args.json:

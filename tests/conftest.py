@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 TINY_OVERRIDES = {
     "effects": {"cartoon": {"samples": 5}, "sketch": {"samples": 5}},
     "faces": {"holdout_fraction": 0.25},
-    "train": {"steps": 40, "batch_size": 8, "eval_every": 20, "threads": 1},  # 2 threads on a busy machine: 10x slower
+    "train": {"steps": 40, "batch_size": 8, "crop": 128, "eval_every": 20, "threads": 1},  # 2 threads, busy machine: 10x slower
     "export": {"calibration_samples": 4, "latency_runs": 5, "grid_samples": 2, "min_parity_db": 20.0},
 }
 

@@ -269,7 +269,7 @@ class AugmentConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    encoder: str = "mobilenetv3_small_100"
+    encoder: str = "mobilenetv4_conv_small_050"
     width: float = Field(1.0, gt=0, le=2, description="decoder width multiplier")
     decoder_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks after each decoder fuse")
     head_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks in the half-resolution head")

@@ -1,14 +1,18 @@
 """The student: a small UNet that learns one face effect from the teacher's before/after pairs.
 
-Encoder: any timm model with ``features_only=True`` (default MobileNetV3-small, random init), giving features at
-strides 2, 4, 8, 16 and 32.  Decoder: from the deepest feature up to stride 2, each stage upsamples x2, concatenates
-the encoder skip of that scale and mixes with timm inverted-residual (MobileNet) blocks.  Head: one more block at
-half resolution, then a 1x1 conv to 12 channels that ``pixel_shuffle(2)`` unfolds into a full-resolution RGB change
-(the last conv starts at zero, so a fresh student is the identity).  Output ``clamp(x + delta, 0, 1)``: the network
-learns the edit, the identity is free.
+Encoder: any timm model with ``features_only=True`` (default MobileNetV4-conv-small at half width, random init),
+giving features at strides 2, 4, 8, 16 and 32.  Decoder: from the deepest feature up to stride 2, each stage
+upsamples x2, concatenates the encoder skip of that scale and fuses them with a 1x1 conv (+ ``blocks`` timm
+inverted-residual blocks; default none).  Head: a dense 3x3 conv at half resolution (+ ``head_blocks`` inverted-residual
+blocks; default none), then a 1x1 conv to 12 channels that ``pixel_shuffle(2)`` unfolds into a full-resolution RGB
+change (the last conv starts at zero, so a fresh student is the identity).  Output ``clamp(x + delta, 0, 1)``: the
+network learns the edit, the identity is free.
 
-Everything is static-shape convs, nearest upsampling, concatenation and pixel shuffle: ONNX-exportable with no
-data-dependent control flow (DepthToSpace), and the decoder uses ReLU only so that int8 quantization fuses it.
+Why this shape (benchmarks/bench_frontier.py, docs/student.md): int8 convolutions pay off for dense convs and barely
+for depthwise ones, so a decoder of plain 1x1 / 3x3 convs is ~2.5x faster in int8 than one of inverted-residual
+blocks at the same quality, and ReLU everywhere (MobileNetV4-conv has no hard-swish / squeeze-excite) keeps the int8
+graph fused.  Everything is static-shape convs, nearest upsampling, concatenation and pixel shuffle: ONNX-exportable
+with no data-dependent control flow (DepthToSpace).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import nn
 
 from fxassets.atomic import atomic_path
 
-DEFAULT_ENCODER = "mobilenetv3_small_100"
+DEFAULT_ENCODER = "mobilenetv4_conv_small_050"
 # decoder channels at strides 16, 8, 4, 2 for width 1.0
 DECODER_CHANNELS = (64, 48, 32, 24)
 FORMAT = "fxassets-student/1"
@@ -60,8 +64,8 @@ class Student(nn.Module):
     """UNet: timm encoder, inverted-residual decoder with skips, half-resolution head ending in pixel_shuffle(2)."""
 
     def __init__(self, encoder: str = DEFAULT_ENCODER, width: float = 1.0,
-                 decoder_channels: tuple[int, ...] = DECODER_CHANNELS, blocks: int = 1,
-                 head_blocks: int = 1, exp_ratio: float = 3.0, head_input: str = "none",
+                 decoder_channels: tuple[int, ...] = DECODER_CHANNELS, blocks: int = 0,
+                 head_blocks: int = 0, exp_ratio: float = 3.0, head_input: str = "none",
                  act_layer: type[nn.Module] = nn.ReLU, norm_layer: type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
         if len(decoder_channels) != 4 or head_input not in ("none", "unshuffle"):
