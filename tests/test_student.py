@@ -234,3 +234,24 @@ def test_random_batch_augments_both_sides_alike():
     originals = [src[i].float() / 255 for i in range(3)] + [src[i].flip(-1).float() / 255 for i in range(3)]
     assert all(any(torch.equal(p, o) for o in originals) for p in plain)
     assert not any(torch.equal(p, o) for p in full for o in originals)  # occluders and jitter changed every sample
+
+
+def test_inference_form_gives_the_same_outputs_with_fewer_ops():
+    from fxassets.student import LowResFuse, UpStage, inference_form
+
+    torch.manual_seed(3)
+    model = build_student(blocks=1)
+    model.train()
+    for _ in range(2):  # BatchNorm statistics away from their init, so the folding has something to fold
+        model(torch.rand(2, 3, 64, 64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    fast = inference_form(model)
+    assert all(isinstance(getattr(fast, n), LowResFuse) for n in ("up16", "up8", "up4", "up2"))
+    assert isinstance(model.up2, UpStage) and not fast.training  # the original is untouched
+    x = torch.rand(2, 3, 96, 64)
+    with torch.no_grad():
+        ref, out = model(x), fast(x)
+    assert torch.allclose(ref, out, atol=1e-5) and not torch.equal(ref, x)

@@ -39,6 +39,7 @@ import torch
 from fxassets.atomic import atomic_path, write_json
 from fxassets.config import ExportConfig
 from fxassets.images import read_png_rgb
+from fxassets.student import inference_form
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,9 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int = 256, opset: int 
     with a warning, if onnxslim fails), checked with `onnx.checker` (full check), written atomically, then run
     in ONNX Runtime on a fixed random input and compared with torch.  Returns a dict with
     `torch_onnx_max_abs_diff`, `opset`, `size`, `bytes`, `ops` (node count per op type), `simplified`,
-    `export_s`.  The model is put in eval mode for the export and given back in the mode it came in.
+    `export_s`.  The model is put in eval mode for the export and given back in the mode it came in; a student
+    is exported in its `inference_form` (decoder fuses at low resolution, BatchNorm folded), and the torch / ONNX
+    difference is measured against the model as given.
     """
     import onnxslim
 
@@ -170,7 +173,7 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int = 256, opset: int 
                 raise ValueError(f"export_onnx: the model maps 1x3x{size}x{size} to {tuple(ref.shape)}, "
                                  "expected the same shape")
             try:
-                proto = _torch_export(model, x, opset)
+                proto = _torch_export(inference_form(model), x, opset)  # same outputs, checked below
             except Exception as exc:
                 raise RuntimeError(f"export_onnx: torch.onnx.export failed for {type(model).__name__} "
                                    f"at {size}x{size}, opset {opset}: {exc}") from exc

@@ -17,6 +17,7 @@ with no data-dependent control flow (DepthToSpace).
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class UpStage(nn.Module):
     def __init__(self, in_chs: int, skip_chs: int, out_chs: int, blocks: int = 1, exp_ratio: float = 3.0,
                  act_layer: type[nn.Module] = nn.ReLU, norm_layer: type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
+        self.in_chs = in_chs
         self.fuse = ConvNormAct(in_chs + skip_chs, out_chs, 1, act_layer=act_layer, norm_layer=norm_layer)
         self.blocks = nn.Sequential(*[
             InvertedResidual(out_chs, out_chs, dw_kernel_size=3, exp_ratio=exp_ratio,
@@ -58,6 +60,46 @@ class UpStage(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return self.blocks(self.fuse(torch.cat([x, skip], dim=1)))
+
+
+class LowResFuse(nn.Module):
+    """The inference form of an `UpStage` (eval mode, same outputs up to float rounding).
+
+    A 1x1 conv commutes with nearest upsampling, so ``conv([up(x), skip]) == up(conv_x(x)) + conv_s(skip)``: the deep
+    input is mixed at its own (4x smaller) resolution and the upsampled tensor has the output's channels, not the
+    input's.  The BatchNorm is folded into the two convs.  ~12 % less int8 latency for the default student, and int8
+    gains more than fp32 (no Concat, a smaller Resize).
+    """
+
+    def __init__(self, stage: UpStage):
+        super().__init__()
+        conv, bn = stage.fuse.conv, stage.fuse.bn
+        in_chs = stage.in_chs
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        weight = conv.weight * scale[:, None, None, None]
+        out_chs = weight.shape[0]
+        self.deep = nn.Conv2d(in_chs, out_chs, 1, bias=True)
+        self.skip = nn.Conv2d(weight.shape[1] - in_chs, out_chs, 1, bias=False)
+        with torch.no_grad():
+            self.deep.weight.copy_(weight[:, :in_chs])
+            self.deep.bias.copy_(bn.bias - bn.running_mean * scale)
+            self.skip.weight.copy_(weight[:, in_chs:])
+        self.act = nn.Sequential(bn.drop, bn.act)
+        self.blocks = stage.blocks
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(self.deep(x), scale_factor=2.0, mode="nearest")
+        return self.blocks(self.act(x + self.skip(skip)))
+
+
+def inference_form(model: nn.Module) -> nn.Module:
+    """A copy of a student for export: eval mode, each decoder stage as a `LowResFuse` (same outputs, faster)."""
+    out = copy.deepcopy(model).eval()
+    for name in ("up16", "up8", "up4", "up2"):
+        stage = getattr(out, name, None)
+        if isinstance(stage, UpStage):
+            setattr(out, name, LowResFuse(stage))
+    return out
 
 
 class Student(nn.Module):
