@@ -56,28 +56,29 @@ def latency_ms(model: torch.nn.Module, size: int = 256, runs: int = 30, threads:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=Path, default=Path("data/face_pairs/cartoon"), help="face_pairs folder")
-    ap.add_argument("--seconds", type=float, default=180.0, help="training budget (0 = steps only)")
-    ap.add_argument("--steps", type=int, default=100_000, help="step cap (the lr schedule follows the nearer limit)")
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--encoder", default=TrainConfig().encoder)
-    ap.add_argument("--width", type=float, default=TrainConfig().width)
-    ap.add_argument("--batch", type=int, default=TrainConfig().batch_size)
-    ap.add_argument("--crop", type=int, default=TrainConfig().crop)
-    ap.add_argument("--lr", type=float, default=TrainConfig().lr)
-    ap.add_argument("--l1", type=float, default=TrainConfig().l1_weight)
-    ap.add_argument("--ssim", type=float, default=TrainConfig().ssim_weight)
-    ap.add_argument("--threads", type=int, default=TrainConfig().threads)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="train settings to start from")
+    ap.add_argument("--seconds", type=float, help="training budget (0 = steps only; default: params.yaml's)")
+    ap.add_argument("--steps", type=int, help="step budget (the lr schedule follows the nearer limit)")
+    ap.add_argument("--eval-every", type=int)
+    ap.add_argument("--encoder")
+    ap.add_argument("--width", type=float)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--crop", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--seed", type=int)
     ap.add_argument("--runs", type=int, default=30, help="latency repetitions")
     ap.add_argument("--out", type=Path, default=None, help="keep checkpoint/metrics/curve here (default: temp)")
     ap.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
     args = ap.parse_args(argv)
 
-    cfg = TrainConfig(
-        encoder=args.encoder, width=args.width, steps=args.steps, max_seconds=args.seconds,
-        batch_size=args.batch, crop=args.crop, lr=args.lr, l1_weight=args.l1, ssim_weight=args.ssim,
-        eval_every=args.eval_every, seed=args.seed, threads=args.threads,
-    )
+    from fxassets.config import load_params
+
+    base = load_params(args.params).train if args.params.is_file() else TrainConfig()
+    given = {"max_seconds": args.seconds, "steps": args.steps, "eval_every": args.eval_every, "encoder": args.encoder,
+             "width": args.width, "batch_size": args.batch, "crop": args.crop, "lr": args.lr, "threads": args.threads,
+             "seed": args.seed}
+    cfg = base.model_copy(update={k: v for k, v in given.items() if v is not None})
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         t0 = time.perf_counter()

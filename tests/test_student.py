@@ -56,7 +56,7 @@ def make_pairs(folder: Path, n_train: int = 8, n_held: int = 3, teacher=colour_s
 
 
 def tiny_cfg(**kw) -> TrainConfig:
-    base = dict(steps=5, batch_size=4, crop=64, lr=3e-3, eval_every=2, seed=0, threads=1)
+    base = dict(steps=5, max_seconds=0, batch_size=4, crop=64, lr=3e-3, eval_every=2, seed=0, threads=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -146,9 +146,10 @@ def test_checkpoint_loads_and_runs(trained):
     assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
 
 
-def test_same_seed_same_weights(pairs, tmp_path):
-    a = run(pairs, tmp_path / "a", tiny_cfg(steps=3, eval_every=100))
-    b = run(pairs, tmp_path / "b", tiny_cfg(steps=3, eval_every=100))
+@pytest.mark.parametrize("max_seconds", [0.0, 3600.0])  # a time cap the steps finish within changes nothing
+def test_same_seed_same_weights(pairs, tmp_path, max_seconds):
+    a = run(pairs, tmp_path / "a", tiny_cfg(steps=3, eval_every=100, max_seconds=max_seconds))
+    b = run(pairs, tmp_path / "b", tiny_cfg(steps=3, eval_every=100, max_seconds=max_seconds))
     assert a["heldout_psnr"] == b["heldout_psnr"]
     with safe_open(str(tmp_path / "a" / "student.safetensors"), framework="pt") as fa, \
             safe_open(str(tmp_path / "b" / "student.safetensors"), framework="pt") as fb:

@@ -1,20 +1,25 @@
 """Distillation: train the student on the teacher's aligned pairs and measure it on held-out people.
 
 Reads a `face_pairs` folder (``manifest.parquet`` + ``source/`` and ``target/`` PNG crops), keeps the rows with
-``status == "pass"``, preloads every pair as uint8 tensors, and trains on random ``cfg.crop`` crops (the same window
-in source and target) with horizontal flips.  Loss ``l1_weight * L1 + ssim_weight * (1 - SSIM)`` plus optional LPIPS and PatchGAN terms
-(`fxassets.losses`), AdamW, linear warm-up then cosine decay.  Training stops after ``cfg.steps`` steps or ``cfg.max_seconds`` seconds (if > 0),
-whichever comes first; the cosine schedule follows whichever of the two is further along, so a time-limited run
-still ends at a low learning rate.  Every ``cfg.eval_every`` steps and at the end the student is evaluated on the
-full-size held-out pairs (PSNR/SSIM against the teacher, beside the unchanged input's scores).  With a state folder,
-the run is resumable: every ``cfg.checkpoint_every`` steps it writes a checkpoint there (`fxassets.train_state`) and
-a restarted run continues from the latest one of the same run.
+``status == "pass"`` and preloads every pair as uint8 tensors.  Each step draws ``cfg.batch_size`` pairs, augments
+them alike on both sides (`fxassets.augment`: occluders, affine and colour jitter, flips) and takes one
+``cfg.crop`` window of each (the whole face by default).  Loss ``l1_weight * L1 + ssim_weight * (1 - SSIM)`` plus
+optional LPIPS and PatchGAN terms (`fxassets.losses`), AdamW, linear warm-up then cosine decay.
+
+Training stops after ``cfg.steps`` steps or ``cfg.max_seconds`` seconds (if > 0), whichever comes first.  The
+schedule follows the step count; only when the clock runs ahead of it (a slow or busy machine) does it follow the
+clock, in whole 2 % steps, so that a time-limited run still ends at a low learning rate while a run that finishes
+its steps in time is deterministic (same seed, same weights).  Every ``cfg.eval_every`` steps and at the end the
+student is evaluated on the full-size held-out pairs (PSNR/SSIM against the teacher, beside the unchanged input's
+scores).  With a state folder, the run is resumable: every ``cfg.checkpoint_every`` steps it writes a checkpoint
+there (`fxassets.train_state`) and a restarted run continues from the latest one of the same run.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +46,7 @@ from fxassets.train_state import Checkpointer, run_key
 MANIFEST = "manifest.parquet"
 MANIFEST_COLUMNS = ("sample_id", "person_id", "split", "status", "source", "target")
 STRIDE = 32  # the student needs H and W multiples of this
+CLOCK_STEPS = 50  # a clock-driven schedule moves in 2 % steps (see the module docstring)
 WARMUP = 0.03  # share of the run spent warming the learning rate up
 WEIGHT_DECAY = 1e-4
 EVAL_BATCH = 4
@@ -211,7 +217,8 @@ def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: 
     step, curve, losses, before = (resumed.step, resumed.curve, resumed.losses, resumed.elapsed) if resumed else (
         0, [], [], 0.0)
     t0 = time.perf_counter() - before  # a resumed run's budget counts the seconds before the interruption
-    bar = tqdm(total=cfg.steps, initial=step, desc="train student", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train student", unit="step", disable=not progress, leave=False,
+               mininterval=0.1 if sys.stderr.isatty() else 15.0)  # a log file gets a line every 15 s, not 10 a second
 
     def record() -> None:
         scores = evaluate(model, held)
@@ -231,7 +238,7 @@ def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: 
                 break
             done = step / cfg.steps
             if cfg.max_seconds > 0:
-                done = max(done, elapsed / cfg.max_seconds)
+                done = max(done, math.floor(elapsed / cfg.max_seconds * CLOCK_STEPS) / CLOCK_STEPS)
             scale = lr_factor(done)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * scale
