@@ -256,3 +256,27 @@ def test_inference_form_gives_the_same_outputs_with_fewer_ops():
     with torch.no_grad():
         ref, out = model(x), fast(x)
     assert torch.allclose(ref, out, atol=1e-5) and not torch.equal(ref, x)
+
+
+@pytest.mark.parametrize("encoder", ["mobilenetv3_large_100", "mobilenetv2_100", "mobilenetv3_small_100"])
+def test_other_timm_encoders(encoder):
+    model = build_student(encoder, width=0.5).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert model(x).shape == x.shape
+
+
+def test_encoder_weights_from_a_local_file(tmp_path):
+    import timm
+
+    torch.manual_seed(5)
+    full = timm.create_model("mobilenetv3_small_100", pretrained=False)
+    path = tmp_path / "enc.pth"
+    torch.save(full.state_dict(), path)
+    model = build_student("mobilenetv3_small_100", encoder_weights=path)
+    assert torch.equal(model.encoder.conv_stem.weight, full.conv_stem.weight)
+    assert not torch.equal(build_student("mobilenetv3_small_100").encoder.conv_stem.weight, full.conv_stem.weight)
+    with pytest.raises(FileNotFoundError, match="train.encoder_weights"):
+        build_student(encoder_weights=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="encoder_weights"):  # another model's weights
+        build_student("mobilenetv2_100", encoder_weights=path)

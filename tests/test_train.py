@@ -156,6 +156,11 @@ def test_run_key_follows_config_pairs_and_weights(pairs, tmp_path):
     with_lpips = run_key(resume_cfg(), manifest, lp)
     lp.write_bytes(b"b")
     assert with_lpips != base and run_key(resume_cfg(), manifest, lp) != with_lpips
+    enc = tmp_path / "encoder.pth"
+    enc.write_bytes(b"a")
+    with_encoder = run_key(resume_cfg(), manifest, None, enc)
+    enc.write_bytes(b"b")
+    assert with_encoder != base and run_key(resume_cfg(), manifest, None, enc) != with_encoder
 
 
 def test_time_budget_counts_the_seconds_before_a_resume(pairs, tmp_path, monkeypatch):

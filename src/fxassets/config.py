@@ -269,7 +269,9 @@ class AugmentConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    encoder: str = "mobilenetv4_conv_small_050"
+    encoder: str = Field("mobilenetv4_conv_small_050", description="a timm model with features at strides 2..32")
+    encoder_weights: Path | None = Field(None, description="local file with the encoder's pretrained weights "
+                                                           "(a timm state dict); none: random init")
     width: float = Field(1.0, gt=0, le=2, description="decoder width multiplier")
     decoder_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks after each decoder fuse")
     head_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks in the half-resolution head")

@@ -43,6 +43,21 @@ def _ch(c: float) -> int:
     return max(8, int(c + 4) // 8 * 8)
 
 
+def _encoder(name: str, weights: str | Path | None) -> nn.Module:
+    """timm `name` as a feature extractor: random init, or the weights of the local file `weights` (a state dict
+    of the full timm model, .pth / .safetensors; nothing is downloaded)."""
+    if weights is None:
+        return timm.create_model(name, features_only=True, pretrained=False)
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such encoder weights file (params.yaml: train.encoder_weights)")
+    try:
+        return timm.create_model(name, features_only=True, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        raise ValueError(f"{path}: not usable as weights of timm's {name!r} (train.encoder_weights): "
+                         f"{str(exc)[:300]}") from exc
+
+
 class UpStage(nn.Module):
     """Upsample x2, concatenate the encoder skip, mix with a 1x1 ConvNormAct and inverted-residual blocks."""
 
@@ -108,7 +123,8 @@ class Student(nn.Module):
     def __init__(self, encoder: str = DEFAULT_ENCODER, width: float = 1.0,
                  decoder_channels: tuple[int, ...] = DECODER_CHANNELS, blocks: int = 0,
                  head_blocks: int = 0, exp_ratio: float = 3.0, head_input: str = "none",
-                 act_layer: type[nn.Module] = nn.ReLU, norm_layer: type[nn.Module] = nn.BatchNorm2d):
+                 act_layer: type[nn.Module] = nn.ReLU, norm_layer: type[nn.Module] = nn.BatchNorm2d,
+                 encoder_weights: str | Path | None = None):
         super().__init__()
         if len(decoder_channels) != 4 or head_input not in ("none", "unshuffle"):
             raise ValueError("decoder_channels needs 4 values; head_input is 'none' or 'unshuffle'")
@@ -117,7 +133,7 @@ class Student(nn.Module):
         # the shape-defining settings beyond encoder and width: saved in checkpoints, passed back on load
         self.arch = {"decoder_channels": list(decoder_channels), "blocks": blocks, "head_blocks": head_blocks,
                      "exp_ratio": exp_ratio, "head_input": head_input}
-        self.encoder = timm.create_model(encoder, features_only=True, pretrained=False)
+        self.encoder = _encoder(encoder, encoder_weights)
         info = self.encoder.feature_info
         reductions = info.reduction()
         if list(reductions[-4:]) != [4, 8, 16, 32] or reductions[0] != 2 or len(reductions) != 5:

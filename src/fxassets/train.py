@@ -298,9 +298,13 @@ def train_student(
     try:
         train, held = load_split(pairs_dir, cfg)
         gen = seed_everything(cfg.seed)
-        model = build_student(cfg.encoder, cfg.width, blocks=cfg.decoder_blocks, head_blocks=cfg.head_blocks)
+        weights = cfg.encoder_weights
+        if weights is not None and root is not None and not Path(weights).is_absolute():
+            weights = Path(root) / weights
+        model = build_student(cfg.encoder, cfg.width, blocks=cfg.decoder_blocks, head_blocks=cfg.head_blocks,
+                              encoder_weights=weights)
         objective = Objective(cfg, lpips_root=root)
-        key = run_key(cfg, pairs_dir / MANIFEST, objective.lpips_path) if state_dir is not None else ""
+        key = run_key(cfg, pairs_dir / MANIFEST, objective.lpips_path, weights) if state_dir is not None else ""
         checkpointer = Checkpointer(state_dir, key, cfg.checkpoint_every)
         result = fit(model, train, held, cfg, gen, progress=progress, objective=objective, checkpointer=checkpointer,
                      margin=margin)

@@ -48,14 +48,15 @@ _OURS = re.compile(r"^(step-\d{8}|\.step-\d{8}\..*\.(tmp|old))$")  # checkpoints
 log = logging.getLogger(__name__)
 
 
-def run_key(cfg: TrainConfig, manifest: Path, lpips_file: Path | None = None) -> str:
-    """sha256 over what determines a training run: config, pairs, LPIPS weights, code, torch version."""
+def run_key(cfg: TrainConfig, manifest: Path, lpips_file: Path | None = None, encoder_file: Path | None = None) -> str:
+    """sha256 over what determines a training run: config, pairs, LPIPS and encoder weights, code, torch version."""
     code_dir = Path(__file__).parent
     parts: dict[str, Any] = {
         "format": FORMAT,
         "train": cfg.model_dump(mode="json"),
         "manifest": sha256_file(Path(manifest)),
         "lpips": sha256_file(lpips_file) if lpips_file is not None and Path(lpips_file).is_file() else None,
+        "encoder": sha256_file(encoder_file) if encoder_file is not None and Path(encoder_file).is_file() else None,
         "code": {name: sha256_file(code_dir / name) for name in CODE_FILES if (code_dir / name).is_file()},
         "torch": torch.__version__,
     }
