@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from fxassets.config import TrainConfig
-from fxassets.metrics import ssim_loss
+from fxassets.metrics import l1_ssim_loss
 
 LPIPS_KEY = "train.lpips_weights"
 ADVERSARY_LR = 2e-4  # the discriminator's peak learning rate (it follows the student's warm-up / cosine schedule)
@@ -173,9 +173,7 @@ class Objective:
     def __call__(self, source: torch.Tensor, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The student's loss: reconstruction (L1, SSIM, LPIPS) plus, with a GAN, the hinge generator term."""
         cfg = self.cfg
-        loss = cfg.l1_weight * F.l1_loss(output, target)
-        if cfg.ssim_weight > 0:
-            loss = loss + cfg.ssim_weight * ssim_loss(output, target)
+        loss = l1_ssim_loss(output, target, cfg.l1_weight, cfg.ssim_weight)
         if self.lpips is not None:
             loss = loss + cfg.lpips_weight * self.lpips(output, target)
         if self.adversary is not None:
