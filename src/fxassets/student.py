@@ -118,21 +118,22 @@ def inference_form(model: nn.Module) -> nn.Module:
 
 
 class Student(nn.Module):
-    """UNet: timm encoder, inverted-residual decoder with skips, half-resolution head ending in pixel_shuffle(2)."""
+    """UNet: timm encoder, decoder of 1x1 fuses with skips (+ optional inverted-residual blocks), half-resolution
+    head ending in pixel_shuffle(2)."""
 
     def __init__(self, encoder: str = DEFAULT_ENCODER, width: float = 1.0,
                  decoder_channels: tuple[int, ...] = DECODER_CHANNELS, blocks: int = 0,
-                 head_blocks: int = 0, exp_ratio: float = 3.0, head_input: str = "none",
+                 head_blocks: int = 0, exp_ratio: float = 3.0,
                  act_layer: type[nn.Module] = nn.ReLU, norm_layer: type[nn.Module] = nn.BatchNorm2d,
                  encoder_weights: str | Path | None = None):
         super().__init__()
-        if len(decoder_channels) != 4 or head_input not in ("none", "unshuffle"):
-            raise ValueError("decoder_channels needs 4 values; head_input is 'none' or 'unshuffle'")
+        if len(decoder_channels) != 4:
+            raise ValueError("decoder_channels needs 4 values (strides 16, 8, 4, 2)")
         self.encoder_name = encoder
         self.width = float(width)
         # the shape-defining settings beyond encoder and width: saved in checkpoints, passed back on load
         self.arch = {"decoder_channels": list(decoder_channels), "blocks": blocks, "head_blocks": head_blocks,
-                     "exp_ratio": exp_ratio, "head_input": head_input}
+                     "exp_ratio": exp_ratio}
         self.encoder = _encoder(encoder, encoder_weights)
         info = self.encoder.feature_info
         reductions = info.reduction()
@@ -147,11 +148,8 @@ class Student(nn.Module):
         self.up8 = UpStage(dec[0], enc[2], dec[1], **up)
         self.up4 = UpStage(dec[1], enc[1], dec[2], **up)
         self.up2 = UpStage(dec[2], enc[0], dec[3], **up)
-        # half-resolution head (optionally also fed the input folded 2x2 into 12 channels: measured no better)
-        self.head_input = head_input
-        extra = 12 if head_input == "unshuffle" else 0
-        self.head = nn.Sequential(
-            ConvNormAct(dec[3] + extra, dec[3], 3, **kw),
+        self.head = nn.Sequential(  # at half resolution
+            ConvNormAct(dec[3], dec[3], 3, **kw),
             *[InvertedResidual(dec[3], dec[3], exp_ratio=exp_ratio, **kw) for _ in range(head_blocks)],
             nn.Conv2d(dec[3], 12, 1, bias=True),
         )
@@ -164,10 +162,7 @@ class Student(nn.Module):
         y = self.up16(y, f16)
         y = self.up8(y, f8)
         y = self.up4(y, f4)
-        y = self.up2(y, f2)
-        if self.head_input == "unshuffle":
-            y = torch.cat([y, F.pixel_unshuffle(x, 2)], dim=1)
-        y = self.head(y)
+        y = self.head(self.up2(y, f2))
         return torch.clamp(x + F.pixel_shuffle(y, 2), 0.0, 1.0)
 
 

@@ -21,7 +21,6 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,12 +202,11 @@ class FitResult:
 
 
 def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: torch.Generator,
-        progress: bool = False, on_eval: Callable[[dict[str, float]], None] | None = None,
+        progress: bool = False,
         objective: Objective | None = None, checkpointer: Checkpointer | None = None,
         margin: float = DEFAULT_MARGIN) -> FitResult:
-    """The training loop: steps until cfg.steps or cfg.max_seconds, evaluating every cfg.eval_every and at the end
-    (each evaluation's curve row also goes to `on_eval`, if given); resumes from and writes `checkpointer`'s
-    checkpoints, if given."""
+    """The training loop: steps until cfg.steps or cfg.max_seconds, evaluating every cfg.eval_every and at the end;
+    resumes from and writes `checkpointer`'s checkpoints, if given."""
     model.to(memory_format=torch.channels_last).train()
     objective = objective if objective is not None else Objective(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
@@ -227,8 +225,6 @@ def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: 
                       "heldout_ssim": scores["ssim"], "identity_psnr": baseline["psnr"],
                       "identity_ssim": baseline["ssim"], "seconds": time.perf_counter() - t0})
         losses.clear()
-        if on_eval is not None:
-            on_eval(curve[-1])
         bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{scores['psnr']:.2f}")
 
     try:
