@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 OFF = AugmentConfig(flip=False, rotate_deg=0, scale=0, translate=0, brightness=0, contrast=0, saturation=0, hue=0,
                     occluder_probability=0)
 STRONG = AugmentConfig(flip=True, rotate_deg=15, scale=0.15, translate=0.08, brightness=0.3, contrast=0.3,
-                       saturation=0.3, hue=0.05, occluder_probability=0.5)
+                       saturation=0.3, hue=0.05, occluder_probability=0.5, affine_probability=1.0)
 MARGIN = faces.DEFAULT_MARGIN
 
 
@@ -141,6 +141,29 @@ def test_flip_only_gives_the_input_or_its_mirror_and_both_occur():
         assert torch.equal(out_t[i], tgt[i].flip(-1) if mirror else tgt[i])  # the target follows its source
         flipped.append(mirror)
     assert 0 < sum(flipped) < len(flipped)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25, 1.0])
+def test_affine_probability_leaves_the_other_pairs_sharp(p):
+    """Only a share `affine_probability` of the pairs is warped (resampled); the rest come back exactly, or exactly
+    mirrored, on both sides."""
+    n = 64
+    src = faces_like(n, size=32)
+    cfg = OFF.model_copy(update={"flip": True, "rotate_deg": 10, "scale": 0.1, "translate": 0.05,
+                                 "affine_probability": p})
+    out_s, out_t = augment_pairs(src, 1 - src, cfg, gen(12))
+    exact = [torch.equal(out_s[i], src[i]) or torch.equal(out_s[i], src[i].flip(-1)) for i in range(n)]
+    for i in range(n):
+        if exact[i]:
+            assert torch.equal(out_t[i], 1 - out_s[i])  # the target follows its source exactly
+    torch.testing.assert_close(out_t, 1 - out_s, atol=1e-5, rtol=0)  # warped pairs alike on both sides too
+    warped = n - sum(exact)
+    if p == 0.0:
+        assert warped == 0
+    elif p == 1.0:
+        assert warped == n
+    else:
+        assert 0.1 * n <= warped <= 0.45 * n
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -259,6 +259,8 @@ class AugmentConfig(_Strict):
     rotate_deg: float = Field(5.0, ge=0, le=45, description="affine jitter: rotation up to +- this many degrees")
     scale: float = Field(0.05, ge=0, le=0.5, description="affine jitter: zoom up to +- this share")
     translate: float = Field(0.03, ge=0, le=0.25, description="affine jitter: shift up to +- this share of the size")
+    affine_probability: float = Field(0.25, ge=0, le=1, description="share of pairs given the affine jitter (a "
+                                      "bilinear warp softens them; the rest stay sharp)")
     brightness: float = Field(0.1, ge=0, le=1, description="colour jitter (kornia ColorJitter ranges)")
     contrast: float = Field(0.1, ge=0, le=1)
     saturation: float = Field(0.1, ge=0, le=1)

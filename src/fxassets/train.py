@@ -209,7 +209,7 @@ def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: 
     resumes from and writes `checkpointer`'s checkpoints, if given."""
     model.to(memory_format=torch.channels_last).train()
     objective = objective if objective is not None else Objective(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY, fused=True)
     baseline = identity_scores(held)
     resumed = checkpointer.restore(model, opt, objective, gen) if checkpointer is not None else None
     step, curve, losses, before = (resumed.step, resumed.curve, resumed.losses, resumed.elapsed) if resumed else (
@@ -239,7 +239,9 @@ def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: 
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * scale
             src, tgt = random_batch(train, cfg.batch_size, cfg.crop, gen, cfg.augment, margin)
-            out = model(src.contiguous(memory_format=torch.channels_last))
+            # channels-last on both sides: oneDNN runs the convolutions and the SSIM filters without relayouts
+            src, tgt = src.contiguous(memory_format=torch.channels_last), tgt.contiguous(memory_format=torch.channels_last)
+            out = model(src)
             loss = objective(src, out, tgt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
