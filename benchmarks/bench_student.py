@@ -20,7 +20,7 @@ import torch
 
 from fxassets.atomic import write_json
 from fxassets.config import TrainConfig
-from fxassets.student import build_student, count_macs, count_params, load_student
+from fxassets.student import arch_options, build_student, count_macs, count_params, load_student
 from fxassets.train import train_student
 
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [dict(zip(("step", "train_loss", "heldout_psnr", "heldout_ssim"), map(float, line.split(","))))
             for line in curve_text.splitlines()[1:]]
-    macs = count_macs(build_student(cfg.encoder, cfg.width, blocks=cfg.decoder_blocks, head_blocks=cfg.head_blocks))
+    macs = count_macs(build_student(cfg.encoder, cfg.width, **arch_options(cfg)))
     report = {
         "config": cfg.model_dump(mode="json"),
         "metrics": metrics,

@@ -171,6 +171,11 @@ def build_student(encoder: str = DEFAULT_ENCODER, width: float = 1.0, **kwargs: 
     return Student(encoder=encoder, width=width, **kwargs)
 
 
+def arch_options(cfg: Any) -> dict[str, int]:
+    """The decoder settings of a `TrainConfig` as `build_student` keyword arguments."""
+    return {"blocks": cfg.decoder_blocks, "head_blocks": cfg.head_blocks}
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -39,7 +39,7 @@ from fxassets.faces import DEFAULT_MARGIN
 from fxassets.images import read_png_rgb
 from fxassets.losses import Objective
 from fxassets.metrics import image_scores, quantize
-from fxassets.student import build_student, count_macs, count_params, save_student
+from fxassets.student import arch_options, build_student, count_macs, count_params, save_student
 from fxassets.train_state import Checkpointer, run_key
 
 MANIFEST = "manifest.parquet"
@@ -299,7 +299,7 @@ def train_student(
         weights = cfg.encoder_weights
         if weights is not None and root is not None and not Path(weights).is_absolute():
             weights = Path(root) / weights
-        model = build_student(cfg.encoder, cfg.width, blocks=cfg.decoder_blocks, head_blocks=cfg.head_blocks,
+        model = build_student(cfg.encoder, cfg.width, **arch_options(cfg),
                               encoder_weights=weights)
         objective = Objective(cfg, lpips_root=root)
         key = run_key(cfg, pairs_dir / MANIFEST, objective.lpips_path, weights) if state_dir is not None else ""
