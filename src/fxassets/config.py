@@ -278,7 +278,7 @@ class TrainConfig(_Strict):
     decoder_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks after each decoder fuse")
     head_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks in the half-resolution head")
     steps: int = Field(1600, ge=1)
-    max_seconds: float = Field(240, ge=0, description="wall-clock budget; 0 = steps only")
+    max_seconds: float = Field(230, ge=0, description="wall-clock budget; 0 = steps only")
     batch_size: int = Field(4, ge=1)
     crop: int = Field(256, ge=32, description="training window of the aligned pairs (a crop of the size: whole faces)")
     lr: float = Field(1.2e-2, gt=0)
