@@ -20,11 +20,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# Reproduce every effect with DVC (a second run is a no-op), then print the summary table.
+# Reproduce every effect with DVC (a second run is a no-op), then print the summary table. --keep-going: an effect
+# that fails (a gate, a stage error) does not stop the others; the table lists what built, then one line per effect
+# that did not (the figure, the bound, what to change), and the exit status is non-zero.
 run: setup
 	@test -d .dvc || { git rev-parse --git-dir >/dev/null 2>&1 && dvc init -q || dvc init -q --no-scm; dvc config core.analytics false; }
-	dvc repro
-	@fxassets report
+	@mkdir -p .dvc/tmp
+	@rc=0; dvc repro --keep-going || rc=$$?; \
+	dvc status --json > .dvc/tmp/fxassets-status.json 2>/dev/null || echo '{}' > .dvc/tmp/fxassets-status.json; \
+	echo; fxassets report --dvc-status .dvc/tmp/fxassets-status.json || rc=$${rc/#0/1}; exit $$rc
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

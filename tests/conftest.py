@@ -36,7 +36,9 @@ def project_env(root: Path) -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
     env["GX_ANALYTICS_ENABLED"] = "False"
-    env["PYTHONPATH"] = str(root)  # orchestration/ is imported from the project root
+    # the copy's own library first (not whichever checkout the venv's editable install points at), and
+    # orchestration/ from the project root
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root)])
     return env
 
 

@@ -302,6 +302,82 @@ def test_float_fallback_restores_parity(wide_narrow, tmp_path):
     assert len(rec["rounds"]) == 1 and rec["nodes_in_float"] == [] and rec["passed"]
 
 
+def _float_weight_convs(path: Path) -> set[str]:
+    """Conv nodes of a QDQ model whose weight is a plain float initializer (no DequantizeLinear): kept in float."""
+    m = onnx.load(str(path))
+    inits = {i.name for i in m.graph.initializer}
+    return {n.name for n in m.graph.node if n.op_type == "Conv" and n.input[1] in inits}
+
+
+def test_float_ends_keep_the_image_the_first_conv_and_the_head_in_float(fp32_model, tmp_path):
+    path, _ = fp32_model
+    pre = tmp_path / "pre.onnx"
+    assert ex.preprocess_for_quant(path, pre)
+    model = onnx.load(str(pre))
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    ends = ex.float_end_nodes(model)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert convs[0] in ends and convs[-1] in ends and not set(convs[1:-1]) & set(ends)
+    assert {"Add", "DepthToSpace", "Clip"} <= {ops[n] for n in ends}  # the residual add, pixel shuffle, clamp
+    assert ex.float_end_nodes(model, ["input"]) == [n for n in ends if n in ex.float_end_nodes(model, ["input"])]
+    with pytest.raises(ValueError, match="unknown network end"):
+        ex.float_end_nodes(model, ["middle"])
+
+    plain, ends_q = tmp_path / "plain.onnx", tmp_path / "ends.onnx"
+    quantize_int8(pre, plain, _inputs(4, 2), preprocess=False)
+    info = quantize_int8(pre, ends_q, _inputs(4, 2), keep_float=["input", "output"], preprocess=False)
+    assert info["float_end_nodes"] == ends and info["keep_float"] == ["input", "output"]
+    q = onnx.load(str(ends_q))
+    image = q.graph.input[0].name
+    assert not [n for n in q.graph.node if n.op_type == "QuantizeLinear" and image in n.input]  # the image stays float
+    assert {convs[0], convs[-1]} <= _float_weight_convs(ends_q)
+    assert not _float_weight_convs(plain) and set(convs[1:-1]).isdisjoint(_float_weight_convs(ends_q))
+    # the ends in float are closer to fp32 than all-int8 on images it was not calibrated on
+    ev = _inputs(4, 7)
+    parity = _parity_fn(pre, ev)
+    assert parity(ends_q) > parity(plain)
+
+
+def test_calibration_cache_is_reused_across_exclusions(fp32_model, tmp_path):
+    path, _ = fp32_model
+    cache = tmp_path / "ranges.json"
+    good = quantize_int8(path, tmp_path / "a.onnx", _inputs(4, 2), calibration_cache=cache)
+    assert cache.is_file() and good["method"] == "minmax"
+    # a second call with the cache ignores its (useless) calibration images: the ranges come from the cache
+    flat = [np.zeros((1, 3, SIZE, SIZE), np.float32)] * 2
+    quantize_int8(path, tmp_path / "b.onnx", flat, calibration_cache=cache)
+    quantize_int8(path, tmp_path / "c.onnx", flat)
+    ev = _inputs(3, 5)
+    parity = _parity_fn(path, ev)
+    assert parity(tmp_path / "b.onnx") == pytest.approx(parity(tmp_path / "a.onnx"))
+    assert parity(tmp_path / "c.onnx") < parity(tmp_path / "a.onnx") - 3.0
+
+
+def test_float_fallback_tries_every_candidate(wide_narrow, tmp_path):
+    cal, ev = _inputs(6, 2), _inputs(3, 3)
+    parity = _parity_fn(wide_narrow, ev)
+    _, every = ex.quantize_with_fallback(wide_narrow, tmp_path / "a.onnx", cal, parity, 38.0, method="minmax",
+                                         max_rounds=1, candidates=0)
+    _, two = ex.quantize_with_fallback(wide_narrow, tmp_path / "b.onnx", cal, parity, 38.0, method="minmax",
+                                       max_rounds=1, candidates=2)
+    assert len(two["rounds"][1]["tried"]) == 2 < len(every["rounds"][1]["tried"])
+    assert every["candidates"] == 0 and every["judge_images"] == 6
+
+
+def test_auto_calibration_keeps_the_closest_to_fp32(fp32_model, tmp_path):
+    path, _ = fp32_model
+    cal, ev = _inputs(6, 2), _inputs(3, 3)
+    q, rec = ex.quantize_with_fallback(path, tmp_path / "q.onnx", cal, _parity_fn(path, ev), 10.0, method="auto")
+    tried = rec["calibrations"]
+    assert [(c["method"], c["percentile"]) for c in tried] == list(ex.AUTO_CALIBRATIONS)
+    best = max(tried, key=lambda c: c["calibration_parity_db"])
+    assert (q["method"], q["percentile"]) == (best["method"], best["percentile"])
+    assert rec["rounds"][0]["calibration_parity_db"] == best["calibration_parity_db"]
+    assert len({round(c["calibration_parity_db"], 3) for c in tried}) > 1  # the calibrations do differ
+    _, one = ex.quantize_with_fallback(path, tmp_path / "m.onnx", cal, _parity_fn(path, ev), 10.0, method="minmax")
+    assert [c["method"] for c in one["calibrations"]] == ["minmax"]
+
+
 def test_convert_to_ort_matches_int8(fp32_model, tmp_path):
     path, _ = fp32_model
     int8 = tmp_path / "m.int8.onnx"
@@ -399,7 +475,7 @@ def test_export_mobile_float_fallback_passes_the_gate(tmp_path, patched_wide_nar
     pairs = make_pairs(tmp_path / "pairs", train_people=3, heldout_people=2, per_person=1)
     p = stage_paths(tmp_path)
     cfg = ExportConfig(calibration_method="minmax", calibration_samples=3, latency_runs=2, grid_samples=1,
-                       min_parity_db=38.0)
+                       min_parity_db=38.0, keep_float=[])  # the mix conv in float (the default) would pass at once
     report = export_mobile(patched_wide_narrow, pairs, cfg, progress=False, effect="toon",
                            onnx_ort=p["out_dir"] / "m.ort", model_card=p["out_dir"] / "card.md", **p)
     fb = report["float_fallback"]
@@ -415,7 +491,8 @@ def test_export_mobile_float_fallback_passes_the_gate(tmp_path, patched_wide_nar
 def test_export_mobile_fallback_is_bounded(tmp_path, patched_wide_narrow):
     pairs = make_pairs(tmp_path / "pairs", train_people=2, heldout_people=1, per_person=1)
     p = stage_paths(tmp_path)
-    cfg = ExportConfig(calibration_method="minmax", calibration_samples=2, latency_runs=1, max_float_fallback=0)
+    cfg = ExportConfig(calibration_method="minmax", calibration_samples=2, latency_runs=1, max_float_fallback=0,
+                       keep_float=[])
     with pytest.raises(ParityError, match=r"max_float_fallback = 0"):
         export_mobile(patched_wide_narrow, pairs, cfg, progress=False, **p)
     report = json.loads(p["report_json"].read_text())

@@ -25,9 +25,15 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from fxassets.report import effect_rows, format_table
 
-    rows = effect_rows(load_params(args.params))
+    status = None
+    if args.dvc_status:
+        try:
+            status = json.loads(Path(args.dvc_status).read_text() or "{}")
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{args.dvc_status}: not the output of `dvc status --json` ({exc})") from exc
+    rows = effect_rows(load_params(args.params), dvc_status=status)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
-    return 0
+    return 1 if any(r["failed"] for r in rows) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="the per-effect summary table of what the pipeline made")
     rp.add_argument("--json", action="store_true")
+    rp.add_argument("--dvc-status", metavar="FILE", help="`dvc status --json` output: effects with a changed stage "
+                    "are reported as not built (what `make run` passes)")
     rp.set_defaults(func=_cmd_report)
 
     from fxassets import apply_cli, bench_cli, detect_cli, generate_sources

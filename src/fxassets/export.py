@@ -55,9 +55,10 @@ GRID_LABELS = ("before", "teacher", "student int8")
 HARD_OPS = frozenset({"HardSwish", "HardSigmoid"})
 POOL_OPS = frozenset({"ReduceMean", "GlobalAveragePool"})
 Exclude = Literal["none", "se", "hard"]
-# percentile calibration: ORT's default 99.999 kept 37.7 dB parity on a trained student here, 99.95 kept 38.6 dB,
-# minmax 36.1 dB (the decoder's unbounded residual sums stretch the uint8 ranges)
-DEFAULT_PERCENTILE = 99.95
+# percentile calibration, all layers int8: ORT's default 99.999 kept 37.7 dB parity on a trained student here,
+# 99.95 kept 38.6 dB, minmax 36.1 dB (the decoder's unbounded residual sums stretch the uint8 ranges).  With the
+# first convolution in float (export.keep_float), a sketch student: 99.95 39.3 dB, 99.99 42.1, 99.999 41.7.
+DEFAULT_PERCENTILE = 99.99
 
 
 class ParityError(ValueError):
@@ -264,6 +265,50 @@ def excluded_nodes(model: onnx.ModelProto, exclude: Exclude = "none") -> list[st
     return sorted(names)
 
 
+# ends of the network kept in float by default (`export.keep_float`): the image-to-image student's output is
+# clamp(input + delta); int8 rounding of the input, of the first convolution's and of the delta's ranges shows
+# directly in the picture (docs/mobile.md)
+FLOAT_ENDS = ("input", "output")
+# what may sit between the last convolution and the graph output (the residual add, the pixel shuffle, the clamp)
+HEAD_TAIL_OPS = frozenset({"Add", "Sub", "Mul", "Clip", "Relu", "DepthToSpace", "Reshape", "Transpose", "Identity",
+                           "Sigmoid", "Tanh", "Max", "Min"})
+
+
+def float_end_nodes(model: onnx.ModelProto, ends: Sequence[str] = FLOAT_ENDS) -> list[str]:
+    """Names of the nodes at the network's ends to keep in float.
+
+    - "input": every node that reads a graph input (the first convolution; the residual add of the image), so
+      the image itself is never quantized.
+    - "output": from each graph output back to and including the last convolution(s): the head's last 1x1 conv
+      that writes the change, the pixel shuffle, the residual add and the clamp.
+    """
+    unknown = sorted(set(ends) - set(FLOAT_ENDS))
+    if unknown:
+        raise ValueError(f"keep_float: unknown network end(s) {unknown}; known: {list(FLOAT_ENDS)}")
+    _, producer, consumers = _graph_index(model)
+    inputs = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
+    names: dict[str, None] = {}
+    if "input" in ends:
+        for i in sorted(inputs):
+            names.update((c.name, None) for c in consumers.get(i, []))
+    if "output" in ends:
+        frontier, seen = [o.name for o in model.graph.output], set()
+        for _ in range(12):  # bounded: a head's tail is a few ops
+            nxt = []
+            for t in frontier:
+                n = producer.get(t)
+                if n is None or n.name in seen:
+                    continue
+                seen.add(n.name)
+                names[n.name] = None
+                if n.op_type in HEAD_TAIL_OPS:
+                    nxt += [i for i in n.input if i and i not in inputs]
+            if not nxt:
+                break
+            frontier = nxt
+    return [n for n in names if n]
+
+
 def preprocess_for_quant(fp32_path: Path, out_path: Path) -> bool:
     """ORT's `quant_pre_process` (symbolic shape inference + basic graph optimization) of `fp32_path` into
     `out_path`; False (with a warning, nothing written) if it fails.  Node and tensor names of the result are
@@ -281,7 +326,8 @@ def preprocess_for_quant(fp32_path: Path, out_path: Path) -> bool:
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray], method: str = "minmax",
                   *, exclude: Exclude = "none", nodes_to_exclude: Sequence[str] = (),
-                  percentile: float = DEFAULT_PERCENTILE, preprocess: bool = True) -> dict[str, Any]:
+                  keep_float: Sequence[str] = (), percentile: float = DEFAULT_PERCENTILE, preprocess: bool = True,
+                  calibration_cache: Path | None = None) -> dict[str, Any]:
     """Static int8 quantization with ONNX Runtime: QDQ, per-channel QInt8 weights, QUInt8 activations.
 
     `calibration`: model inputs (1x3xHxW float in [0, 1], or HxWx3 uint8 images).  `method`: "minmax",
@@ -316,8 +362,11 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray
         unknown = sorted(set(explicit) - {n.name for n in model.graph.node})
         if unknown:
             raise ValueError(f"quantize_int8: nodes_to_exclude names nodes not in {src.name}: {unknown[:5]}")
-        skip = sorted(set(excluded_nodes(model, exclude)) | set(explicit))
+        ends = float_end_nodes(model, keep_float) if keep_float else []
+        skip = sorted(set(excluded_nodes(model, exclude)) | set(explicit) | set(ends))
         used = method
+        # the ranges of every activation, calibrated once per model and method: other exclusions reuse them
+        cache = Path(calibration_cache) if calibration_cache is not None else None
 
         def run(tmp: Path, how: str) -> None:
             extra = {"CalibPercentile": float(percentile)} if how == "percentile" else {}
@@ -327,6 +376,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray
                     quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=methods[how], nodes_to_exclude=skip or None, extra_options=extra,
+                    calibration_cache_path=cache if how == method else None,
                 )
 
         with atomic_path(int8_path) as tmp:
@@ -352,6 +402,8 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray
         "exclude": exclude,
         "excluded_nodes": len(skip),
         "nodes_to_exclude": explicit,
+        "keep_float": list(keep_float),
+        "float_end_nodes": ends,
         "preprocessed": preprocessed,
         "quantize_s": round(time.perf_counter() - t0, 3),
     }
@@ -581,19 +633,33 @@ def activation_sensitivity(float_path: Path, int8_path: Path, images: Sequence[n
     return rows
 
 
+# export.calibration_method "auto": each of these calibrations is tried, the one closest to fp32 on calibration
+# images is kept.  On a trained sketch student (first conv in float): percentile 99.95 39.3 dB, 99.99 42.1, 99.999
+# 41.7, minmax 39.9 (docs/mobile.md); which is best depends on the model.
+AUTO_CALIBRATIONS: tuple[tuple[str, float | None], ...] = (("percentile", 99.99), ("percentile", 99.999),
+                                                           ("minmax", None))
+
+
+def _calibration_name(c: Mapping[str, Any]) -> str:
+    return c["method"] if c.get("percentile") is None else f"{c['method']} {c['percentile']:g}"
+
+
 def quantize_with_fallback(
     fp32_path: Path, int8_path: Path, calibration: list[np.ndarray], parity: Any, min_parity_db: float,
     *, method: str = "minmax", percentile: float = DEFAULT_PERCENTILE, max_rounds: int = 3,
-    candidates: int = 4, debug_images: int = 4, say: Any = None,
+    candidates: int = 0, debug_images: int = 4, judge_images: int = 16, keep_float: Sequence[str] = (),
+    say: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`quantize_int8`; then, while `parity(path) < min_parity_db`, keep the most harmful activation in float and
     quantize again, at most `max_rounds` times.
 
     `parity(path) -> float` is the gate's measure (mean PSNR of the int8 model at `path` against fp32 on held-out
-    pairs).  A round ranks the current int8 model's activations with `activation_sensitivity` (qdq_loss_debug on
-    the first `debug_images` calibration images), quantizes once per each of the `candidates` worst (their
-    `float_region` in float on top of the earlier rounds'), keeps the one whose output is closest to fp32 on the
-    calibration images (train pairs: the held-out pairs only judge), then measures `parity`.  It stops when the gate
+    pairs).  `keep_float`: the network ends kept in float from the start (`float_end_nodes`).  The activation ranges
+    are calibrated once (ORT's calibration cache) and reused by every candidate, so a round can afford to try
+    them all: it ranks the current int8 model's activations with `activation_sensitivity` (qdq_loss_debug on the
+    first `debug_images` calibration images), quantizes once per each of the `candidates` worst (0: every one;
+    their `float_region` in float on top of the earlier rounds'), keeps the one whose output is closest to fp32 on
+    `judge_images` calibration images (train pairs: the held-out pairs only judge), then measures `parity`.  It stops when the gate
     passes, when no candidate improves on the calibration images, or after `max_rounds`.  The model with the best
     parity (the first that passes, if any) is written to `int8_path`.
 
@@ -612,22 +678,36 @@ def quantize_with_fallback(
         pre = Path(scratch) / "pre.onnx"
         preprocessed = preprocess_for_quant(fp32_path, pre)
         src = pre if preprocessed else fp32_path
-        kw = dict(method=method, percentile=percentile, preprocess=False)
-        cand = Path(scratch) / "round0.onnx"
-        q = quantize_int8(src, cand, inputs, **kw)
+        s32 = _session(src)
+        judge = [inputs[i] for i in _spread(len(inputs), judge_images)]
+        ref = [_run(s32, x) for x in judge]
+
+        def calib_parity(path: Path) -> float:
+            s = _session(path)
+            return float(np.mean([psnr(_run(s, x), r) for x, r in zip(judge, ref)]))
+
+        # the calibration: the one asked for, or with "auto" each of AUTO_CALIBRATIONS, the closest to fp32 on the
+        # judge images kept; its ranges are cached, so the fallback's candidates below are not calibrated again
+        trials = AUTO_CALIBRATIONS if method == "auto" else ((method, percentile),)
+        calibrations = []
+        for i, (how, pct) in enumerate(trials):
+            path = Path(scratch) / f"round0_{i}.onnx"
+            kw: dict[str, Any] = dict(method=how, percentile=DEFAULT_PERCENTILE if pct is None else pct, preprocess=False, keep_float=keep_float,
+                                      calibration_cache=Path(scratch) / f"ranges_{i}.json")
+            qi = quantize_int8(src, path, inputs, **kw)
+            kw["method"] = qi["method"]  # minmax when the histogram could not bin a range: the cache holds those
+            calibrations.append({"method": qi["method"], "percentile": qi["percentile"],
+                                 "calibration_parity_db": calib_parity(path), "_kw": kw, "_path": path, "_q": qi})
+        chosen_cal = max(calibrations, key=lambda c: c["calibration_parity_db"])
+        kw, cand, q, cal_par = chosen_cal["_kw"], chosen_cal["_path"], chosen_cal["_q"], chosen_cal["calibration_parity_db"]
+        if len(calibrations) > 1:
+            say("calibration: " + ", ".join(f"{_calibration_name(c)} {c['calibration_parity_db']:.2f} dB"
+                                            for c in calibrations) + f"; kept {_calibration_name(chosen_cal)}")
         par = float(parity(cand))
-        rounds: list[dict[str, Any]] = [{"round": 0, "parity_psnr_db": par, "nodes_in_float": 0}]
+        rounds: list[dict[str, Any]] = [{"round": 0, "parity_psnr_db": par, "nodes_in_float": 0,
+                                         "calibration_parity_db": cal_par}]
         best = (par, 0, cand, q)
         if par < min_parity_db and max_rounds > 0:
-            s32 = _session(src)
-            ref = [_run(s32, x) for x in inputs]
-
-            def calib_parity(path: Path) -> float:
-                s = _session(path)
-                return float(np.mean([psnr(_run(s, x), r) for x, r in zip(inputs, ref)]))
-
-            cal_par = calib_parity(cand)
-            rounds[0]["calibration_parity_db"] = cal_par
             excluded: list[str] = []
             float_acts = None
             for r in range(1, max_rounds + 1):
@@ -645,7 +725,7 @@ def quantize_with_fallback(
                     tried.append({"tensor": row["tensor"], "score_db": row["score_db"], "qdq_err_db": row["qdq_err_db"],
                                   "xmodel_err_db": row["xmodel_err_db"], "nodes_added": new,
                                   "calibration_parity_db": calib_parity(path), "_path": path, "_q": qi})
-                    if len(tried) >= candidates:
+                    if candidates and len(tried) >= candidates:
                         break
                 top = max(tried, key=lambda t: t["calibration_parity_db"], default=None)
                 if top is not None:  # near-ties (within 0.05 dB): the fewest nodes in float, then the worst-ranked
@@ -684,6 +764,9 @@ def quantize_with_fallback(
         "max_rounds": max_rounds,
         "candidates": candidates,
         "debug_images": min(debug_images, len(calibration)),
+        "judge_images": len(_spread(len(calibration), judge_images)),
+        "calibrations": [{k: v for k, v in c.items() if not k.startswith("_")} for c in calibrations],
+        "keep_float": list(keep_float),
     }
     return q, record
 
@@ -875,7 +958,8 @@ def export_mobile(checkpoint: Path, pairs_dir: Path, cfg: ExportConfig, out_dir:
     say(f"quantizing int8 ({cfg.calibration_method}, {len(calibration)} calibration images)")
     q, fallback = quantize_with_fallback(
         onnx_fp32, onnx_int8, calibration, parity, cfg.min_parity_db, method=cfg.calibration_method,
-        max_rounds=cfg.max_float_fallback, candidates=cfg.float_fallback_candidates, say=say)
+        max_rounds=cfg.max_float_fallback, candidates=cfg.float_fallback_candidates, keep_float=cfg.keep_float,
+        say=say)
     say(f"converting int8 to ORT format ({onnx_ort.name})")
     conv = convert_to_ort(onnx_int8, onnx_ort)
 
@@ -928,7 +1012,8 @@ def export_mobile(checkpoint: Path, pairs_dir: Path, cfg: ExportConfig, out_dir:
         "size": size,
         "opset": exp["opset"],
         "simplified": exp["simplified"],
-        "quant": {k: q[k] for k in ("percentile", "exclude", "excluded_nodes", "preprocessed", "quantize_s")},
+        "quant": {k: q[k] for k in ("percentile", "exclude", "excluded_nodes", "keep_float", "float_end_nodes",
+                                    "preprocessed", "quantize_s")},
         "float_fallback": fallback,
         "nodes_in_float": fallback["nodes_in_float"],
         "ort": {k: conv[k] for k in ("target_platform", "ops", "convert_s")},

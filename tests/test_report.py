@@ -1,0 +1,80 @@
+"""The summary table `make run` prints: effects that built, and one line per effect that did not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fxassets.cli import main
+from fxassets.config import load_params
+from fxassets.paths import EffectPaths
+from fxassets.report import effect_rows, format_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _project(tmp_path: Path) -> Path:
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    return tmp_path
+
+
+def _built(root: Path, effect: str, parity: float, gate_passed: bool = True) -> None:
+    p = EffectPaths(root, effect)
+    p.mobile_dir.mkdir(parents=True)
+    p.pairs_dir.mkdir(parents=True)
+    p.student_dir.mkdir(parents=True)
+    p.onnx_int8.write_bytes(b"model")
+    p.grid.write_bytes(b"png")
+    (p.pairs_dir / "summary.json").write_text(json.dumps({"kept": 100, "rejected": 2}))
+    (p.pairs_dir / "gate.json").write_text(json.dumps({"passed": gate_passed, "set_checks": [
+        {"check": "pass_rate", "observed": 0.5, "passed": gate_passed, "rule": ">= 0.8"}]}))
+    p.train_metrics.write_text(json.dumps({"heldout_psnr": 28.1, "heldout_ssim": 0.91, "identity_psnr": 17.4}))
+    p.mobile_report.write_text(json.dumps({"parity_psnr_db": parity, "parity_ok": parity >= 38.0,
+                                           "min_parity_db": 38.0, "heldout_pairs": 12, "int8_ms_1t": 3.4,
+                                           "fp32_ms_1t": 6.0, "int8_psnr_db": 28.0}))
+
+
+def test_a_failed_parity_gate_is_one_line_with_figure_bound_and_what_to_do(tmp_path, capsys, monkeypatch):
+    root = _project(tmp_path)
+    _built(root, "cartoon", 45.0)
+    _built(root, "sketch", 37.3)
+    rows = effect_rows(load_params(root / "params.yaml"), root)
+    assert rows[0]["failed"] is None
+    line = rows[1]["failed"]
+    assert "37.30 dB" in line and "38.00 dB" in line and "effects.sketch.export." in line
+    assert "dvc repro mobile_model@sketch" in line
+    text = format_table(rows)
+    assert text.splitlines()[2].startswith("cartoon") and "sketch" not in text.split("FAILED")[0]
+    assert text.splitlines()[-1] == f"FAILED {line}"
+    monkeypatch.chdir(root)
+    assert main(["report"]) == 1  # make run's exit status
+    assert "FAILED sketch" in capsys.readouterr().out
+
+
+def test_gate_failure_stale_stage_and_missing_model(tmp_path, monkeypatch, capsys):
+    root = _project(tmp_path)
+    _built(root, "cartoon", 45.0, gate_passed=False)
+    rows = effect_rows(load_params(root / "params.yaml"), root)
+    assert "pair quality gate failed: pass_rate 0.5 (rule: >= 0.8)" in rows[0]["failed"]
+    assert "effects.cartoon.quality" in rows[0]["failed"]
+    assert rows[1]["failed"].startswith("sketch: not built")
+    # an effect whose files look fine but whose stage `dvc status` lists as changed did not build this time
+    _built(root, "sketch", 45.0)
+    status = {"student_checkpoint@sketch": [{"changed outs": {}}]}
+    rows = effect_rows(load_params(root / "params.yaml"), root, dvc_status=status)
+    assert "student_checkpoint@sketch failed or did not run" in rows[1]["failed"]
+    (root / "status.json").write_text(json.dumps(status))
+    monkeypatch.chdir(root)
+    assert main(["report", "--dvc-status", "status.json"]) == 1
+    (root / "bad.json").write_text("{not json")
+    assert main(["report", "--dvc-status", "bad.json"]) == 2
+    assert "bad.json: not the output of `dvc status --json`" in capsys.readouterr().err
+
+
+def test_all_built_exits_zero(tmp_path, monkeypatch, capsys):
+    root = _project(tmp_path)
+    _built(root, "cartoon", 45.0)
+    _built(root, "sketch", 42.0)
+    monkeypatch.chdir(root)
+    assert main(["report"]) == 0
+    assert "FAILED" not in capsys.readouterr().out
