@@ -34,8 +34,9 @@ def _random_images(n: int, size: int, seed: int) -> list[np.ndarray]:
 
 
 def _pairs_images(pairs_dir: Path, split: str, n: int) -> list[np.ndarray]:
-    from fxassets.export import _read_pairs, _spread
-    from fxassets.images import read_png_rgb
+    from fxassets.core.manifest import read_pairs as _read_pairs
+    from fxassets.export.stage import _spread
+    from fxassets.core.images import read_png_rgb
 
     rows = _read_pairs(pairs_dir)
     rows = rows[rows["split"] == split].reset_index(drop=True)
@@ -70,23 +71,21 @@ def main(argv: list[str] | None = None) -> dict:
     import onnxruntime as ort
     import torch
 
-    from fxassets.export import (
-        convert_to_ort,
-        export_onnx,
-        latency_compare,
-        psnr,
-        quantize_int8,
-        quantize_with_fallback,
-        to_input,
-    )
+    from fxassets.export.ort_format import convert_to_ort
+    from fxassets.export.onnx_export import export_onnx
+    from fxassets.export.latency import latency_compare
+    from fxassets.core.metrics import psnr
+    from fxassets.export.quantize import quantize_int8
+    from fxassets.export.fallback import quantize_with_fallback
+    from fxassets.export.session import to_input
 
     if args.checkpoint:
-        from fxassets.student import load_student
+        from fxassets.train.student import load_student
 
         model, meta = load_student(args.checkpoint)
         desc = f"{args.checkpoint} ({meta.get('encoder')}, width {meta.get('width')})"
     else:
-        from fxassets.student import DEFAULT_ENCODER, build_student
+        from fxassets.train.student import DEFAULT_ENCODER, build_student
 
         torch.manual_seed(0)
         model = build_student(args.encoder or DEFAULT_ENCODER, args.width).eval()
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:16s} " + " ".join(f"{v[c]:8.2f}" for c in cols)
               + f"   {speedup:11.2f}x  {v['bytes'] / 1e6:7.2f}  {v['size_ratio_vs_fp32']:5.2f}  {par}")
     if args.json:
-        from fxassets.atomic import write_json
+        from fxassets.core.atomic import write_json
 
         write_json(args.json, result)
     tmp.cleanup()

@@ -21,9 +21,12 @@ from pathlib import Path  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fxassets.atomic import write_json  # noqa: E402
-from fxassets.faces import FaceDetector, align_matrix, composite, face_mask, select_face, warp_aligned  # noqa: E402
-from fxassets.images import list_images, read_rgb  # noqa: E402
+from fxassets.core.atomic import write_json  # noqa: E402
+from fxassets.faces.detect import FaceDetector, select_face  # noqa: E402
+from fxassets.faces.align import align_matrix, warp_aligned  # noqa: E402
+from fxassets.faces import composite  # noqa: E402
+from fxassets.faces.composite import face_mask  # noqa: E402
+from fxassets.core.images import list_images, read_rgb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FACES = REPO.parent / "shared" / "data" / "faces"

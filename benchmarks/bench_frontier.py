@@ -6,15 +6,15 @@ cannot reach 5 ms, choose the default from this frontier).
     python benchmarks/bench_frontier.py --train-steps 500 --pairs data/face_pairs/cartoon    # + held-out PSNR
     python benchmarks/bench_frontier.py --decoders 0:0 1:1 --encoders mobilenetv4_conv_small_050 --widths 1.0
 
-For each encoder x width x decoder (``B:H``: inverted-residual blocks per decoder stage : in the head): build the student (`fxassets.student.build_student`), export it to ONNX (fp32) and to int8
+For each encoder x width x decoder (``B:H``: inverted-residual blocks per decoder stage : in the head): build the student (`fxassets.train.student.build_student`), export it to ONNX (fp32) and to int8
 (QDQ, the export stage's settings: per-channel int8 weights, uint8 activations).  Then every model is timed with ONNX
-Runtime CPU at 1 thread in one `fxassets.export.latency_compare` call: all side by side, taking turns in --rounds
+Runtime CPU at 1 thread in one `fxassets.export.latency.latency_compare` call: all side by side, taking turns in --rounds
 blocks, median of --runs each, so that the load of a shared machine hits every row alike.  Latency does not depend on
 the weights, so untrained students do.  `vs_ref` divides by the default student's int8 time (mobilenetv3_small_100,
 width 1.0): on a busy machine the milliseconds drift, the ratios much less.
 
 `--train-steps N --pairs DIR` (or `--train-seconds N`, wall clock: noisy on a shared machine) first trains each
-student (`fxassets.train.train_student`, the params.yaml `train` settings otherwise), adds its held-out PSNR / SSIM against the teacher, calibrates the int8
+student (`fxassets.train.loop.train_student`, the params.yaml `train` settings otherwise), adds its held-out PSNR / SSIM against the teacher, calibrates the int8
 model on train crops of DIR and measures parity on its held-out crops; the frontier is then the rows no other row
 beats on both held-out PSNR and int8 latency.  Without training, the frontier is over parameters and latency.
 """
@@ -49,8 +49,9 @@ def _random_images(n: int, size: int, seed: int) -> list[np.ndarray]:
 
 
 def _pairs_images(pairs_dir: Path, split: str, n: int) -> list[np.ndarray]:
-    from fxassets.export import _read_pairs, _spread
-    from fxassets.images import read_png_rgb
+    from fxassets.core.manifest import read_pairs as _read_pairs
+    from fxassets.export.stage import _spread
+    from fxassets.core.images import read_png_rgb
 
     rows = _read_pairs(pairs_dir)
     rows = rows[rows["split"] == split].reset_index(drop=True)
@@ -75,14 +76,17 @@ def build(encoder: str, width: float, decoder: tuple[int, int], args: argparse.N
     """Train (optional), export fp32 and int8 to `work`; the row without latency (`_fp32`, `_int8`: the files)."""
     import torch
 
-    from fxassets.export import export_onnx, psnr, quantize_int8, to_input
-    from fxassets.student import build_student, count_params, load_student
+    from fxassets.export.onnx_export import export_onnx
+    from fxassets.core.metrics import psnr
+    from fxassets.export.quantize import quantize_int8
+    from fxassets.export.session import to_input
+    from fxassets.train.student import build_student, count_params, load_student
 
     tag = f"{encoder}_w{width:g}_d{decoder[0]}{decoder[1]}"
     row: dict[str, Any] = {"encoder": encoder, "width": width, "decoder": f"{decoder[0]}:{decoder[1]}"}
     t0 = time.perf_counter()
     if train_cfg is not None:
-        from fxassets.train import train_student
+        from fxassets.train.loop import train_student
 
         cfg = train_cfg.model_copy(update={"encoder": encoder, "width": width, "decoder_blocks": decoder[0],
                                            "head_blocks": decoder[1]})
@@ -141,10 +145,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     logging.disable(logging.WARNING)  # per-model export chatter
     torch.set_num_threads(args.threads)
-    from fxassets.export import latency_compare
-    from fxassets.student import DEFAULT_ENCODER
+    from fxassets.export.latency import latency_compare
+    from fxassets.train.student import DEFAULT_ENCODER
 
-    from fxassets.config import TrainConfig, load_params
+    from fxassets.core.config import TrainConfig, load_params
 
     base = load_params(args.params).train if args.params.is_file() else TrainConfig()
     default = (DEFAULT_ENCODER, 1.0, (base.decoder_blocks, base.head_blocks))
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "onnxruntime": ort.__version__, "torch": torch.__version__, "rows": rows,
     }
     if args.json:
-        from fxassets.atomic import write_json
+        from fxassets.core.atomic import write_json
 
         write_json(args.json, result)
     tmp.cleanup()

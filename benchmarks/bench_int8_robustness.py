@@ -35,10 +35,10 @@ def cpu_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from fxassets.config import load_params
-    from fxassets.export import ParityError, export_mobile
-    from fxassets.paths import EffectPaths
-    from fxassets.train import train_student
+    from fxassets.core.config import load_params
+    from fxassets.export.stage import ParityError, export_mobile
+    from fxassets.core.paths import EffectPaths
+    from fxassets.train.loop import train_student
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))

@@ -22,12 +22,12 @@ from pathlib import Path  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from fxassets import quality as qm  # noqa: E402
-from fxassets.atomic import write_json  # noqa: E402
-from fxassets.config import load_params  # noqa: E402
-from fxassets.faces import FaceDetector  # noqa: E402
-from fxassets.gate import quality_for, run_gate  # noqa: E402
-from fxassets.images import read_png_rgb  # noqa: E402
+from fxassets.pairs import quality as qm  # noqa: E402
+from fxassets.core.atomic import write_json  # noqa: E402
+from fxassets.core.config import load_params  # noqa: E402
+from fxassets.faces.detect import FaceDetector  # noqa: E402
+from fxassets.pairs.gate import quality_for, run_gate  # noqa: E402
+from fxassets.core.images import read_png_rgb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

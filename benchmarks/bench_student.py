@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from fxassets.atomic import write_json
-from fxassets.config import TrainConfig
-from fxassets.student import arch_options, build_student, count_macs, count_params, load_student
-from fxassets.train import train_student
+from fxassets.core.atomic import write_json
+from fxassets.core.config import TrainConfig
+from fxassets.train.student import arch_options, build_student, count_macs, count_params, load_student
+from fxassets.train.loop import train_student
 
 
 def latency_ms(model: torch.nn.Module, size: int = 256, runs: int = 30, threads: int = 1) -> dict[str, float]:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
     args = ap.parse_args(argv)
 
-    from fxassets.config import load_params
+    from fxassets.core.config import load_params
 
     base = load_params(args.params).train if args.params.is_file() else TrainConfig()
     given = {"max_seconds": args.seconds, "steps": args.steps, "eval_every": args.eval_every, "encoder": args.encoder,

@@ -28,7 +28,7 @@ SAMPLES = REPO / "data" / "samples" / "faces"
 
 
 def _project(tmp: Path, n: int, teacher: dict) -> tuple[Path, object]:
-    from fxassets.config import Params
+    from fxassets.core.config import Params
     from fxassets.stages import run_stage
 
     (tmp / "faces").mkdir(parents=True, exist_ok=True)
@@ -40,9 +40,9 @@ def _project(tmp: Path, n: int, teacher: dict) -> tuple[Path, object]:
 
 
 def bench_classical(n: int) -> dict:
-    from fxassets.atomic import read_jsonl
-    from fxassets.images import read_rgb, write_png
-    from fxassets.paths import EffectPaths
+    from fxassets.core.atomic import read_jsonl
+    from fxassets.core.images import read_rgb, write_png
+    from fxassets.core.paths import EffectPaths
     from fxassets.stages import run_stage
     from fxassets.teachers import make_teacher
 
@@ -79,8 +79,8 @@ def bench_classical(n: int) -> dict:
 
 
 def bench_tiny(n: int) -> dict:
-    from fxassets.config import Img2ImgTeacher
-    from fxassets.images import read_rgb
+    from fxassets.core.config import Img2ImgTeacher
+    from fxassets.core.images import read_rgb
     from fxassets.teachers import make_teacher
     from fxassets.teachers.tiny import save_tiny_pipeline
 

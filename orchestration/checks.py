@@ -3,7 +3,7 @@ outputs, and read the files the stage wrote.
 
 * face_pairs: blocking pair checks. When one fails, the run stops before `student_checkpoint` (the materialization
   itself is recorded, so the UI shows what was wrong). `quality_gate` reports the great-expectations suite the
-  stage itself runs (`fxassets.gate` writes gate.json; training refuses a failed gate under DVC too). More checks:
+  stage itself runs (`fxassets.pairs.gate` writes gate.json; training refuses a failed gate under DVC too). More checks:
   add a row to the registry in `checks_for`.
 * mobile_model: the int8 model must stay close to fp32 (`parity_psnr_db >= export.min_parity_db`).
 
@@ -66,7 +66,7 @@ def rejected_share(c: CheckInput) -> AssetCheckResult:
 
 
 def quality_gate(c: CheckInput) -> AssetCheckResult | None:
-    """The great-expectations pair quality gate the face_pairs stage runs (`fxassets.gate`, gate.json); no result
+    """The great-expectations pair quality gate the face_pairs stage runs (`fxassets.pairs.gate`, gate.json); no result
     when the stage wrote none (a missing result does not block)."""
     path = c.root / "data" / "face_pairs" / c.effect / "gate.json"
     if not path.is_file():

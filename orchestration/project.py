@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from fxassets.config import fingerprint, load_params
+from fxassets.core.config import fingerprint, load_params
 
 ROOT_ENV = "FXASSETS_ROOT"
 STAGE_ORDER = ("prompts", "teacher_images", "face_pairs", "student_checkpoint", "mobile_model")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fxassets.paths import EffectPaths
+from fxassets.core.paths import EffectPaths
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,13 @@ import cv2
 import numpy as np
 import pytest
 
-from fxassets.atomic import read_jsonl
-from fxassets.config import ConfigError, Params, load_params
-from fxassets.images import read_png_rgb
-from fxassets.paths import EffectPaths
+from fxassets.core.atomic import read_jsonl
+from fxassets.core.config import ConfigError, Params, load_params
+from fxassets.core.images import read_png_rgb
+from fxassets.core.paths import EffectPaths
 from fxassets.stages import run_stage
 from fxassets.teachers import make_teacher
-from fxassets.teachers.api_teachers import ApiClient, ApiError, BudgetExceeded, CredentialsError, Ledger, parse_retry_after
+from fxassets.teachers.api.client import ApiClient, ApiError, BudgetExceeded, CredentialsError, Ledger, parse_retry_after
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples" / "faces"
@@ -423,7 +423,7 @@ def test_openai_edits_are_multipart_and_map_back_onto_the_source(tmp_path, api):
 
 
 def test_openai_generates_sources(tmp_path, api):
-    from fxassets.generate_sources import SourcesConfig, generate_sources
+    from fxassets.cli.generate_sources import SourcesConfig, generate_sources
 
     cfg = Params.model_validate({"teacher": openai(api.url, moderation="low", model="dall-e-3", quality="hd"), "effects": {"fx": {"prompt": "p"}}}).teacher
     s = generate_sources(cfg, SourcesConfig(n=2), tmp_path / "gen", tmp_path, progress=False)
@@ -438,7 +438,7 @@ def test_openai_generates_sources(tmp_path, api):
 KILLED_RUN = r"""
 import json, sys
 from pathlib import Path
-from fxassets.config import Params
+from fxassets.core.config import Params
 from fxassets.stages import run_stage
 root = Path(sys.argv[1])
 run_stage("teacher_images", Params.model_validate(json.loads(sys.argv[2])), "fx", root, progress=False)
@@ -576,7 +576,7 @@ def tiny_gan(tmp_path_factory) -> Path:
 def test_latent_edit_makes_pairs_with_no_photos(tmp_path, tiny_gan):
     import torch
 
-    from fxassets.generate_sources import SourcesConfig, generate_sources
+    from fxassets.cli.generate_sources import SourcesConfig, generate_sources
 
     teacher = {"kind": "latent-edit", "generator": str(tiny_gan / "g.onnx"), "mapping": str(tiny_gan / "m.onnx"),
                "direction": str(tiny_gan / "{prompt}.npy"), "strength": 2.0, "batch_size": 2}

@@ -1,4 +1,4 @@
-"""fxassets.augment: one random transform on both sides of a pair, all randomness from the generator passed in,
+"""fxassets.train.augment: one random transform on both sides of a pair, all randomness from the generator passed in,
 occluders where a face has eyes and a mouth, and the fast warp / colour map checked against kornia's own ops."""
 
 from __future__ import annotations
@@ -13,17 +13,10 @@ import torch.nn.functional as F
 from kornia.geometry.transform import warp_affine
 
 from fxassets import faces
-from fxassets.augment import (
-    OCCLUDERS,
-    affine_matrices,
-    apply_colour,
-    augment_pairs,
-    colour_matrices,
-    draw_occluder,
-    hue_matrix,
-    sampling_grid,
-)
-from fxassets.config import AugmentConfig
+from fxassets.core.config import OCCLUDERS
+from fxassets.train.augment import affine_matrices, apply_colour, augment_pairs, colour_matrices, hue_matrix, sampling_grid
+from fxassets.train.occluders import draw_occluder
+from fxassets.core.config import AugmentConfig
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fxassets.config import ConfigError, Params, fingerprint, load_params
+from fxassets.core.config import ConfigError, Params, fingerprint, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 

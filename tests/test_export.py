@@ -15,10 +15,14 @@ import torch
 from torch import nn
 
 from fxassets import export as ex
-from fxassets.config import ExportConfig
-from fxassets.export import ParityError, export_mobile, export_onnx, latency_ms, psnr, quantize_int8
-from fxassets.grid import make_grid
-from fxassets.images import read_png_rgb, write_png
+from fxassets.core.config import ExportConfig
+from fxassets.export.stage import ParityError, export_mobile
+from fxassets.export.onnx_export import export_onnx
+from fxassets.export.latency import latency_ms
+from fxassets.core.metrics import psnr
+from fxassets.export.quantize import quantize_int8
+from fxassets.export.grid import make_grid
+from fxassets.core.images import read_png_rgb, write_png
 
 SIZE = 64
 
@@ -107,7 +111,7 @@ def stage_paths(tmp: Path) -> dict[str, Path]:
 @pytest.fixture
 def patched_student(monkeypatch, tmp_path):
     """`load_student` returns the stand-in; the checkpoint is a placeholder file."""
-    import fxassets.student as student
+    import fxassets.train.student as student
 
     monkeypatch.setattr(student, "load_student", lambda path: (standin(), {"encoder": "standin", "width": 1.0}))
     ckpt = tmp_path / "student.safetensors"
@@ -117,7 +121,7 @@ def patched_student(monkeypatch, tmp_path):
 
 @pytest.fixture
 def patched_wide_narrow(monkeypatch, tmp_path):
-    import fxassets.student as student
+    import fxassets.train.student as student
 
     monkeypatch.setattr(student, "load_student",
                         lambda path: (WideNarrow().eval(), {"encoder": "wide-narrow", "width": 1.0}))
@@ -519,7 +523,7 @@ def test_export_mobile_missing_manifest(tmp_path, patched_student):
 
 def test_export_mobile_real_student(tmp_path):
     """The real student (random init, edit head made non-zero) through the whole stage at 64x64."""
-    student = pytest.importorskip("fxassets.student")
+    student = pytest.importorskip("fxassets.train.student")
     torch.manual_seed(0)
     model = student.build_student()
     with torch.no_grad():

@@ -11,20 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fxassets import detect_cli
-from fxassets.faces import (
-    Face,
-    FaceDetector,
-    align_matrix,
-    composite,
-    face_mask,
-    invert_matrix,
-    select_face,
-    similarity,
-    template,
-    warp_aligned,
-)
-from fxassets.images import read_rgb
+from fxassets.cli import detect as detect_cli
+from fxassets.faces.detect import Face, FaceDetector, select_face
+from fxassets.faces.align import align_matrix, invert_matrix, similarity, template, warp_aligned
+from fxassets.faces import composite
+from fxassets.faces.composite import face_mask
+from fxassets.core.images import read_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FACES = REPO.parent / "shared" / "data" / "faces"  # 1350 px, with hand-placed landmarks

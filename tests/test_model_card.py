@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fxassets.model_card import render_model_card, source_license, write_model_card
+from fxassets.export.model_card import render_model_card, source_license, write_model_card
 
 SOURCE_MD = """# Sample faces
 

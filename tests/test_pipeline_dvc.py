@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import run
-from fxassets.images import read_png_rgb
+from fxassets.core.images import read_png_rgb
 
 pytestmark = pytest.mark.slow
 EFFECTS = ("cartoon", "sketch")

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fxassets import quality as qm
-from fxassets.config import ConfigError, Params, QualityConfig, load_params
-from fxassets.gate import GateError, load_gate, quality_for, require_passed, run_gate
-from fxassets.images import read_png_rgb, write_png
-from fxassets.paths import EffectPaths
+from fxassets.pairs import quality as qm
+from fxassets.core.config import ConfigError, Params, QualityConfig, load_params
+from fxassets.pairs.gate import GateError, load_gate, quality_for, require_passed, run_gate
+from fxassets.core.images import read_png_rgb, write_png
+from fxassets.core.paths import EffectPaths
 from fxassets.stages import run_stage
 
 REPO = Path(__file__).resolve().parents[1]

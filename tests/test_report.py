@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from fxassets.cli import main
-from fxassets.config import load_params
-from fxassets.paths import EffectPaths
-from fxassets.report import effect_rows, format_table
+from fxassets.core.config import load_params
+from fxassets.core.paths import EffectPaths
+from fxassets.cli.report import effect_rows, format_table
 
 REPO = Path(__file__).resolve().parents[1]
 

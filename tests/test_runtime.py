@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import run
-from fxassets.images import read_rgb
+from fxassets.core.images import read_rgb
 
 pytestmark = pytest.mark.slow
 

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fxassets.atomic import read_jsonl
-from fxassets.config import EffectConfig, FacesConfig, Params
-from fxassets.images import read_png_rgb
-from fxassets.paths import EffectPaths
+from fxassets.core.atomic import read_jsonl
+from fxassets.core.config import EffectConfig, FacesConfig, Params
+from fxassets.core.images import read_png_rgb
+from fxassets.core.paths import EffectPaths
 from fxassets.prompts import build_prompts
 from fxassets.stages import run_stage
 from fxassets.teachers import make_teacher
@@ -61,7 +61,7 @@ def test_stage_order_errors_are_clear(tmp_path):
 
 @pytest.mark.parametrize("style", ["cartoon", "sketch", "color_sketch", "oil", "watercolor"])
 def test_classical_styles_change_the_image(style):
-    from fxassets.images import read_rgb
+    from fxassets.core.images import read_rgb
 
     params = Params.model_validate({"effects": {"fx": {"prompt": "p", "teacher": {"style": style}}}})
     t = make_teacher(params.teacher, params.effect("fx").teacher)

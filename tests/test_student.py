@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fxassets.config import TrainConfig
-from fxassets.images import write_png
-from fxassets.metrics import MAX_PSNR, image_scores, l1_ssim_loss
-from fxassets.student import build_student, count_params, load_student, save_student
-from fxassets.train import CURVE_HEADER, lr_factor, train_student
+from fxassets.core.config import TrainConfig
+from fxassets.core.images import write_png
+from fxassets.core.metrics import MAX_PSNR, image_scores, l1_ssim_loss
+from fxassets.train.student import build_student, count_params, load_student, save_student
+from fxassets.train.loop import CURVE_HEADER, lr_factor, train_student
 
 H, W = 72, 80  # not multiples of 32: evaluation pads the full-size held-out crops
 
@@ -211,7 +211,7 @@ def test_metrics():
 
 
 def test_count_macs():
-    from fxassets.student import count_macs
+    from fxassets.train.student import count_macs
 
     conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
     assert count_macs(conv, size=16) == 3 * 8 * 9 * 16 * 16
@@ -221,8 +221,8 @@ def test_count_macs():
 
 
 def test_random_batch_augments_both_sides_alike():
-    from fxassets.config import AugmentConfig
-    from fxassets.train import PairSet, random_batch
+    from fxassets.core.config import AugmentConfig
+    from fxassets.train.loop import PairSet, random_batch
 
     torch.manual_seed(0)
     src = (torch.rand(3, 3, 64, 64) * 255).to(torch.uint8)
@@ -238,7 +238,7 @@ def test_random_batch_augments_both_sides_alike():
 
 
 def test_inference_form_gives_the_same_outputs_with_fewer_ops():
-    from fxassets.student import LowResFuse, UpStage, inference_form
+    from fxassets.train.student import LowResFuse, UpStage, inference_form
 
     torch.manual_seed(3)
     model = build_student(blocks=1)

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
-from fxassets.atomic import read_jsonl
-from fxassets.config import ConfigError, EffectTeacher, Img2ImgTeacher, Params, Text2ImageTeacher, load_params
-from fxassets.images import read_png_rgb, read_rgb
-from fxassets.paths import EffectPaths
+from fxassets.core.atomic import read_jsonl
+from fxassets.core.config import ConfigError, EffectTeacher, Img2ImgTeacher, Params, Text2ImageTeacher, load_params
+from fxassets.core.images import read_png_rgb, read_rgb
+from fxassets.core.paths import EffectPaths
 from fxassets.sources import list_sources
 from fxassets.stages import run_stage
 from fxassets.teachers import REGISTRY, SampleRejected, make_teacher
@@ -183,7 +183,7 @@ def test_instruct_pix2pix_runs(tmp_path, tiny_models):
 def test_generate_sources_balanced_deterministic_and_resumable(tmp_path, tiny_models):
     import argparse
 
-    from fxassets.generate_sources import SourcesConfig, add_parser, balanced_prompts, generate_sources
+    from fxassets.cli.generate_sources import SourcesConfig, add_parser, balanced_prompts, generate_sources
 
     recs = balanced_prompts(SourcesConfig(n=24))
     cells = Counter((r["attributes"]["age_group"], r["attributes"]["gender"], r["attributes"]["skin_group"]) for r in recs)
@@ -219,8 +219,8 @@ def test_generate_sources_balanced_deterministic_and_resumable(tmp_path, tiny_mo
 SLOW_RUN = """
 import sys, time
 from pathlib import Path
-from fxassets.config import Params
-from fxassets.teacher_images import run_teacher_images
+from fxassets.core.config import Params
+from fxassets.teachers.stage import run_teacher_images
 from fxassets.teachers.classical import ClassicalTeacherImpl
 
 class Slow(ClassicalTeacherImpl):
@@ -255,7 +255,7 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
             calls.append(record["sample_id"])
             return super().edit(rgb, record)
 
-    from fxassets.teacher_images import run_teacher_images
+    from fxassets.teachers.stage import run_teacher_images
 
     paths = EffectPaths(root, "fx")
     s = run_teacher_images(Counting(params.teacher, params.effect("fx").teacher), paths.prompts, paths.teacher_dir, root, progress=False)
@@ -280,7 +280,7 @@ def test_a_refused_sample_is_recorded_and_not_recomputed(tmp_path):
             calls.extend(r["sample_id"] for r in records)
             return [SampleRejected("the pipeline's safety checker flagged the output") if r["sample_id"].endswith("0") else self.edit(i, r) for i, r in zip(images, records)]
 
-    from fxassets.teacher_images import run_teacher_images
+    from fxassets.teachers.stage import run_teacher_images
 
     paths = EffectPaths(root, "fx")
     for _ in range(2):

@@ -20,14 +20,15 @@ import yaml
 import torch
 from safetensors import safe_open
 
-import fxassets.train as train_mod
-from fxassets.config import EffectConfig, Params, TrainConfig
-from fxassets.losses import LPIPS, Objective, PatchDiscriminator, load_lpips
-from fxassets.metrics import l1_ssim_loss
-from fxassets.paths import EffectPaths
-from fxassets.student import build_student
-from fxassets.train import MANIFEST, fit, load_split, seed_everything, train_student
-from fxassets.train_state import run_key
+import fxassets.train.loop as train_mod
+from fxassets.core.config import EffectConfig, Params, TrainConfig
+from fxassets.train.losses import LPIPS, Objective, PatchDiscriminator, load_lpips
+from fxassets.core.metrics import l1_ssim_loss
+from fxassets.core.paths import EffectPaths
+from fxassets.train.student import build_student
+from fxassets.core.manifest import MANIFEST
+from fxassets.train.loop import fit, load_split, seed_everything, train_student
+from fxassets.train.state import run_key
 from test_student import make_pairs, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +104,7 @@ def test_resume_after_interrupt_is_exact(pairs, tmp_path, monkeypatch, caplog, g
                                                                            "state.pt"]
     assert not (tmp_path / "resumed" / "student.safetensors").exists()
 
-    with caplog.at_level("INFO", logger="fxassets.train_state"):
+    with caplog.at_level("INFO", logger="fxassets.train.state"):
         resumed = run(pairs, tmp_path / "resumed", cfg, state)
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 6
     assert f"resuming from step 4 ({state / 'step-00000004'})" in caplog.text
@@ -127,7 +128,7 @@ def test_checkpoint_of_another_run_is_ignored(pairs, tmp_path, monkeypatch, capl
 
     interrupted(first, 4)
     assert checkpoints(state) == ["step-00000004"]
-    with caplog.at_level("INFO", logger="fxassets.train_state"):
+    with caplog.at_level("INFO", logger="fxassets.train.state"):
         metrics = run(pairs, tmp_path / "out", other, state)  # another lr: starts from step 0
     assert metrics["resumed_from_step"] == 0 and "resuming" not in caplog.text
     assert not state.exists()
@@ -136,7 +137,7 @@ def test_checkpoint_of_another_run_is_ignored(pairs, tmp_path, monkeypatch, capl
     interrupted(first, 4)
     interrupted(other, 2)  # ignores the first run's checkpoint and replaces it with its own
     assert checkpoints(state) == ["step-00000002"] and "resuming" not in caplog.text
-    with caplog.at_level("INFO", logger="fxassets.train_state"):
+    with caplog.at_level("INFO", logger="fxassets.train.state"):
         metrics = run(pairs, tmp_path / "out", other, state)
     assert metrics["resumed_from_step"] == 2 and "resuming from step 2" in caplog.text
     assert_same_weights(tmp_path / "reference" / "student.safetensors", tmp_path / "out" / "student.safetensors")
@@ -183,7 +184,7 @@ SUBPROCESS_TRAIN = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import fxassets.train as T
-    from fxassets.config import TrainConfig
+    from fxassets.core.config import TrainConfig
 
     pairs, out, state, cfg_json = sys.argv[1:5]
     real, calls = T.random_batch, []
@@ -232,12 +233,12 @@ def test_sigkilled_training_resumes_exactly(pairs, tmp_path):
 
 
 def test_stage_keeps_state_outside_the_outputs(tmp_path, monkeypatch):
-    import fxassets.gate
+    import fxassets.pairs.gate
     from fxassets.stages import stage_student_checkpoint
 
     seen = {}
     monkeypatch.delenv("FXASSETS_CACHE", raising=False)
-    monkeypatch.setattr(fxassets.gate, "require_passed", lambda folder: None)
+    monkeypatch.setattr(fxassets.pairs.gate, "require_passed", lambda folder: None)
     monkeypatch.setattr(train_mod, "train_student", lambda *a, **kw: seen.update(kw) or {})
     params = Params(effects={"cartoon": EffectConfig(prompt="a cartoon")})
     stage_student_checkpoint(params, "cartoon", EffectPaths(tmp_path, "cartoon"), False)

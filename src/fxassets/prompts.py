@@ -8,9 +8,10 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from fxassets.atomic import atomic_dir, write_jsonl
-from fxassets.config import EffectConfig, FacesConfig
-from fxassets.sources import list_sources, sha256_file
+from fxassets.core.atomic import atomic_dir, write_jsonl
+from fxassets.core.config import EffectConfig, FacesConfig
+from fxassets.sources import list_sources
+from fxassets.core.hashing import sha256_file
 
 
 def sample_seed(effect_seed: int, sample_id: str) -> int:

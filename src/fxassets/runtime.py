@@ -13,8 +13,11 @@ from typing import Literal
 
 import numpy as np
 
-from fxassets.config import FacesConfig
-from fxassets.faces import FaceDetector, align_matrix, composite, face_mask, warp_aligned
+from fxassets.core.config import FacesConfig
+from fxassets.faces.detect import FaceDetector
+from fxassets.faces.align import align_matrix, warp_aligned
+from fxassets.faces.composite import composite, face_mask
+from fxassets.export.session import onnx_session, to_input, to_uint8
 
 Engine = Literal["int8", "fp32", "teacher"]
 
@@ -25,19 +28,6 @@ class FrameResult:
     crops: list[np.ndarray] = field(default_factory=list)  # the engine's aligned outputs, one per face
     faces: int = 0
     ms: dict[str, float] = field(default_factory=dict)  # detect, align, model, composite, total
-
-
-def onnx_session(path: Path, threads: int = 1):
-    import onnxruntime as ort
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: model not found; build it with `dvc repro` (or `make run`) first")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 class EffectRunner:
@@ -73,9 +63,8 @@ class EffectRunner:
         """The engine on one aligned RGB uint8 crop -> RGB uint8 crop."""
         if self.engine == "teacher":
             return self.teacher.edit(crop, {})
-        x = np.ascontiguousarray(crop.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
-        (y,) = self.session.run(None, {self.input_name: x})
-        return (np.clip(y[0].transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
+        (y,) = self.session.run(None, {self.input_name: to_input(crop)})
+        return to_uint8(y)
 
     def process(self, frame: np.ndarray, blend: bool = True) -> FrameResult:
         ms: dict[str, float] = {"detect": 0.0, "align": 0.0, "model": 0.0, "composite": 0.0}

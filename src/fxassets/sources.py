@@ -8,7 +8,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fxassets.images import list_images
+from fxassets.core.images import list_images
 
 
 # columns of a manifest.csv carried into the prompt records (generated sources add the skin-tone ones)
@@ -21,14 +21,6 @@ class SourceFace:
     path: Path
     person_id: str
     attributes: dict[str, str] = field(default_factory=dict)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_manifest(folder: Path) -> dict[str, dict[str, str]]:

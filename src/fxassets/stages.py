@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fxassets.config import Params
-from fxassets.paths import STAGES, EffectPaths
+from fxassets.core.config import Params
+from fxassets.core.paths import STAGES, EffectPaths
 
 
 def stage_prompts(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:
@@ -19,7 +19,7 @@ def stage_prompts(p: Params, effect: str, paths: EffectPaths, progress: bool) ->
 
 
 def stage_teacher_images(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:
-    from fxassets.teacher_images import run_teacher_images
+    from fxassets.teachers.stage import run_teacher_images
     from fxassets.teachers import make_teacher
 
     teacher = make_teacher(p.teacher, p.effect(effect).teacher)
@@ -27,16 +27,16 @@ def stage_teacher_images(p: Params, effect: str, paths: EffectPaths, progress: b
 
 
 def stage_face_pairs(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:
-    from fxassets.face_pairs import run_face_pairs
-    from fxassets.gate import quality_for
+    from fxassets.pairs.stage import run_face_pairs
+    from fxassets.pairs.gate import quality_for
 
     return run_face_pairs(p.faces, paths.teacher_dir, paths.pairs_dir, paths.root, progress, quality_for(p, effect))
 
 
 def stage_student_checkpoint(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:
-    from fxassets.gate import require_passed
-    from fxassets.teachers.diffusers_teachers import cache_root
-    from fxassets.train import train_student
+    from fxassets.pairs.gate import require_passed
+    from fxassets.core.paths import cache_root
+    from fxassets.train.loop import train_student
 
     p.effect(effect)
     require_passed(paths.pairs_dir)  # GateError (a ValueError) with the gate's summary when the pair set failed
@@ -47,7 +47,7 @@ def stage_student_checkpoint(p: Params, effect: str, paths: EffectPaths, progres
 
 
 def stage_mobile_model(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:
-    from fxassets.export import export_mobile
+    from fxassets.export.stage import export_mobile
 
     p.effect(effect)
     return export_mobile(

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from fxassets.config import fingerprint
-from fxassets.images import ImageError
+from fxassets.core.config import fingerprint
+from fxassets.core.images import ImageError
 
 
 class SampleRejected(ImageError):
@@ -75,3 +75,14 @@ class Teacher(ABC):
         settings = self.generate_settings() if task == "generate" else self.settings()
         s = {"kind": self.kind, "version": self.version, **settings}
         return {**s, "hash": fingerprint(s)}
+
+
+class BatchTeacher(Teacher):
+    """A teacher that works in batches (`edit_batch`, which subclasses implement): `edit` is one sample through it,
+    and a refused sample raises its `SampleRejected`."""
+
+    def edit(self, rgb: np.ndarray, record: dict[str, Any]) -> np.ndarray:
+        out = self.edit_batch([rgb], [record])[0]
+        if isinstance(out, SampleRejected):
+            raise out
+        return out

@@ -7,7 +7,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fxassets.config import ClassicalTeacher, EffectTeacher
+from fxassets.core.config import ClassicalTeacher, EffectTeacher
 from fxassets.teachers.base import Teacher
 
 

@@ -21,15 +21,15 @@ matches), the strength, the latent scheme, the output range and size; torch / on
 from __future__ import annotations
 
 import glob
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from fxassets.config import EffectTeacher, LatentEditTeacher
-from fxassets.teachers.base import SampleRejected, Teacher
+from fxassets.core.config import EffectTeacher, LatentEditTeacher
+from fxassets.teachers.base import BatchTeacher, SampleRejected
+from fxassets.core.hashing import sha256_file
 
 LATENT_SCHEME = "z~N(0,1) float32 from numpy default_rng(seed); w = mapping(z) or z"
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".jit")
@@ -42,11 +42,7 @@ def _file_hash(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _HASHES[key] = h.hexdigest()[:16]
+        _HASHES[key] = sha256_file(path)[:16]
     return _HASHES[key]
 
 
@@ -124,7 +120,7 @@ def to_uint8_images(y: np.ndarray, value_range: str) -> list[np.ndarray]:
     return [np.ascontiguousarray(im) for im in np.clip(np.rint(y), 0, 255).astype(np.uint8)]
 
 
-class LatentEditTeacherImpl(Teacher):
+class LatentEditTeacherImpl(BatchTeacher):
     kind = "latent-edit"
     version = "1"
     edits = True
@@ -259,9 +255,6 @@ class LatentEditTeacherImpl(Teacher):
         outs = self.render(np.stack(ws))
         return [o if o.shape == img.shape else cv2.resize(o, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_AREA)
                 for o, img in zip(outs, images, strict=True)]
-
-    def edit(self, rgb: np.ndarray, record: dict[str, Any]) -> np.ndarray:
-        return self.edit_batch([rgb], [record])[0]  # type: ignore[return-value]
 
     def runtime(self) -> dict[str, Any]:
         return self.g.runtime()

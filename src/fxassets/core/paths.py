@@ -1,0 +1,97 @@
+"""Where each stage writes, per effect (relative to the project root). `dvc.yaml` names the same paths."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES = ("prompts", "teacher_images", "face_pairs", "student_checkpoint", "mobile_model")
+
+
+@dataclass(frozen=True)
+class EffectPaths:
+    root: Path
+    effect: str
+
+    def _d(self, stage: str) -> Path:
+        return self.root / "data" / stage / self.effect
+
+    # prompts
+    @property
+    def prompts_dir(self) -> Path:
+        return self._d("prompts")
+
+    @property
+    def prompts(self) -> Path:
+        return self.prompts_dir / "prompts.jsonl"
+
+    # teacher_images: images/<sample_id>.png + records.jsonl
+    @property
+    def teacher_dir(self) -> Path:
+        return self._d("teacher_images")
+
+    @property
+    def teacher_records(self) -> Path:
+        return self.teacher_dir / "records.jsonl"
+
+    # face_pairs: source/<id>.png, target/<id>.png, manifest.parquet, summary.json
+    @property
+    def pairs_dir(self) -> Path:
+        return self._d("face_pairs")
+
+    @property
+    def manifest(self) -> Path:
+        return self.pairs_dir / "manifest.parquet"
+
+    # student_checkpoint
+    @property
+    def student_dir(self) -> Path:
+        return self._d("student")
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.student_dir / "student.safetensors"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.student_dir / "metrics.json"
+
+    @property
+    def train_curve(self) -> Path:
+        return self.student_dir / "curve.csv"
+
+    # mobile_model
+    @property
+    def mobile_dir(self) -> Path:
+        return self._d("mobile")
+
+    @property
+    def onnx_fp32(self) -> Path:
+        return self.mobile_dir / "student.onnx"
+
+    @property
+    def onnx_int8(self) -> Path:
+        return self.mobile_dir / "student.int8.onnx"
+
+    @property
+    def onnx_ort(self) -> Path:
+        return self.mobile_dir / "student.int8.ort"
+
+    @property
+    def grid(self) -> Path:
+        return self.mobile_dir / "grid.png"
+
+    @property
+    def model_card(self) -> Path:
+        return self.mobile_dir / "MODEL_CARD.md"
+
+    @property
+    def mobile_report(self) -> Path:
+        return self.mobile_dir / "report.json"
+
+
+def cache_root(root: Path) -> Path:
+    """Where resumable work is kept: `$FXASSETS_CACHE` or `<project root>/.cache/fxassets` (gitignored)."""
+    env = os.environ.get("FXASSETS_CACHE")
+    return Path(env) if env else Path(root) / ".cache" / "fxassets"
