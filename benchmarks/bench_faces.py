@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from fxassets.core.atomic import write_json  # noqa: E402
 from fxassets.faces.detect import FaceDetector, select_face  # noqa: E402
 from fxassets.faces.align import align_matrix, warp_aligned  # noqa: E402
-from fxassets.faces import composite  # noqa: E402
+from fxassets.faces.composite import composite  # noqa: E402
 from fxassets.faces.composite import face_mask  # noqa: E402
 from fxassets.core.images import list_images, read_rgb  # noqa: E402
 

@@ -19,6 +19,7 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     PartitionsDefinition,
+    StaticPartitionsDefinition,
     PreviewWarning,
     RetryPolicy,
     TableColumn,
@@ -31,7 +32,7 @@ from orchestration import dvc_runner, summaries
 from orchestration.checks import CheckInput, checks_for
 from orchestration.project import Project, StageSpec
 from orchestration.resources import DvcProject, QualityGates
-from orchestration.sources import observe_if_changed
+from orchestration.sources import build_sources, observe_if_changed
 
 GROUP = "pipeline"
 
@@ -136,3 +137,10 @@ def build_stage_assets(project: Project, partitions_def: PartitionsDefinition) -
     with warnings.catch_warnings():  # partitioned checks are "preview" in dagster 1.13: accepted, not said at every load
         warnings.filterwarnings("ignore", category=PreviewWarning, message=".*partitions_def on an AssetCheckSpec")
         return [build_stage_asset(project, spec, partitions_def) for spec in project.stages.values()]
+
+
+def build_pipeline(project: Project) -> tuple[StaticPartitionsDefinition, list, list]:
+    """(the effect partitions, the source assets, the stage assets) of a project: what `definitions.build_defs` and
+    `sync.asset_defs` both build on."""
+    effects = StaticPartitionsDefinition(list(project.effects))
+    return effects, build_sources(project, effects), build_stage_assets(project, effects)

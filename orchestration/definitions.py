@@ -16,21 +16,17 @@ own params are observed live.
 
 from pathlib import Path
 
-from dagster import AssetSelection, Definitions, StaticPartitionsDefinition, define_asset_job
+from dagster import AssetSelection, Definitions, define_asset_job
 
-from orchestration.assets import build_stage_assets
+from orchestration.assets import build_pipeline
 from orchestration.project import Project
 from orchestration.resources import EXECUTOR, make_resources
-from orchestration.sources import build_sources
 from orchestration.sync import build_sync_sensor
-
 
 
 def build_defs(root: str | Path | None = None) -> Definitions:
     project = Project.load(root)
-    effects = StaticPartitionsDefinition(list(project.effects))
-    sources = build_sources(project, effects)
-    stages = build_stage_assets(project, effects)
+    effects, sources, stages = build_pipeline(project)
     build_effect = define_asset_job(
         "build_effect", selection=AssetSelection.assets(*stages), partitions_def=effects,
         description="every stage of one effect, in order (each through DVC)",
@@ -44,4 +40,6 @@ def build_defs(root: str | Path | None = None) -> Definitions:
     )
 
 
+# what `dagster dev -m orchestration.definitions` loads (built once, at import; nothing else in orchestration/
+# imports this module, so `python -m orchestration.sync` never builds it)
 defs = build_defs()

@@ -33,9 +33,11 @@ from typing import Any
 import yaml
 
 from fxassets.core.config import fingerprint, load_params
+from fxassets.core.hashing import file_digest
+from fxassets.core.paths import STAGES, stage_code_deps
 
 ROOT_ENV = "FXASSETS_ROOT"
-STAGE_ORDER = ("prompts", "teacher_images", "face_pairs", "student_checkpoint", "mobile_model")
+STAGE_ORDER = STAGES  # fxassets.core.paths: one stage list
 EFFECT_KEY = "${key}"
 SOURCE_FACES, TEACHER_CONFIG, QUALITY_CONFIG, EFFECT_CONFIG = "source_faces", "teacher_config", "quality_config", "effect_config"
 EXPORT_CONFIG = "export_config"
@@ -204,10 +206,13 @@ class Project:
 
     # ---- versions --------------------------------------------------------------------------------------------
     def code_version(self, stage: str) -> str:
-        """Fingerprint of the non-per-effect params the stage reads and of its code deps' bytes."""
+        """Fingerprint of the non-per-effect params the stage reads and of its code's bytes: the library's declaration
+        (`fxassets.core.paths.STAGE_CODE`, which dvc.yaml's `src/` deps repeat) and any other code dep dvc.yaml names."""
         spec = self.stages[stage]
         params = {p: lookup(self.raw_params, p) for p in spec.code_params}
-        code = {d: hash_path(self.root / d) for d in spec.code_deps}
+        declared = stage_code_deps(stage)
+        deps = declared + [d for d in spec.code_deps if not d.startswith("src/fxassets/") and d not in declared]
+        code = {d: hash_path(self.root / d) for d in deps}
         return fingerprint({"params": params, "code": code})
 
     def source_version(self, source: str, effect: str | None = None) -> str:
@@ -228,7 +233,7 @@ class Project:
 def hash_path(path: Path) -> str:
     """md5 of a file, or of a folder's (relative path, md5) list; `missing` if it does not exist."""
     if path.is_file():
-        return _md5_file(path)
+        return file_digest(path, "md5")
     if not path.is_dir():
         return "missing"
     h = hashlib.md5()
@@ -236,13 +241,5 @@ def hash_path(path: Path) -> str:
         rel = f.relative_to(path).as_posix()
         if _IGNORED_CODE_FILES.search(rel):
             continue
-        h.update(f"{rel}\0{_md5_file(f)}\n".encode())
+        h.update(f"{rel}\0{file_digest(f, 'md5')}\n".encode())
     return h.hexdigest() + ".dir"
-
-
-def _md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

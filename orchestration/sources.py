@@ -25,12 +25,8 @@ from dagster import (
     PartitionsDefinition,
     observable_source_asset,
 )
-from dagster._core.definitions.data_version import (
-    DATA_VERSION_IS_USER_PROVIDED_TAG,
-    DATA_VERSION_TAG,
-    extract_data_version_from_entry,
-)
 
+from orchestration.dagster_internals import DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG, extract_data_version_from_entry
 from orchestration.project import PER_EFFECT_SOURCES, SOURCE_DESCRIPTIONS, SOURCE_FACES, Project
 
 GROUP = "inputs"

@@ -33,31 +33,31 @@ from dagster import (
     AssetMaterialization,
     DagsterInstance,
     DefaultSensorStatus,
+    Definitions,
     RunsFilter,
     SensorEvaluationContext,
     SkipReason,
     sensor,
 )
-from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationTargetMaterializationData
-from dagster._core.definitions.data_version import (
+from orchestration import dvc_runner, summaries
+from orchestration.assets import build_pipeline, evaluate_checks, stage_metadata
+from orchestration.dagster_internals import (
     CODE_VERSION_TAG,
     DATA_VERSION_IS_USER_PROVIDED_TAG,
     DATA_VERSION_TAG,
     DEFAULT_DATA_VERSION,
+    IN_PROGRESS_RUN_STATUSES,
     NULL_EVENT_POINTER,
-    CachingStaleStatusResolver,
+    AssetCheckEvaluationTargetMaterializationData,
     StaleStatus,
     extract_data_version_from_entry,
     get_input_data_version_tag,
     get_input_event_pointer_tag,
+    stale_status_resolver,
 )
-from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
-
-from orchestration import dvc_runner, summaries
-from orchestration.assets import evaluate_checks, stage_metadata
 from orchestration.checks import checks_for
 from orchestration.project import PER_EFFECT_SOURCES, SOURCE_FACES, SOURCES, Project
-from orchestration.resources import QualityGates
+from orchestration.resources import QualityGates, make_resources
 from orchestration.sources import observe_if_changed
 
 SYNC_TAG = "fxassets/recorded_by"
@@ -81,22 +81,19 @@ def _latest(instance: DagsterInstance, key: str, is_source: bool, partition: str
     return instance.get_latest_data_version_record(AssetKey(key), is_source, partition)
 
 
+def asset_defs(root: str | Path | None = None) -> Definitions:
+    """The assets and their resources, as `orchestration.definitions` builds them, without the sensor and the job:
+    what the stale-status resolver reads (this module never imports `definitions`, which imports it)."""
+    project = Project.load(root)
+    _, sources, stages = build_pipeline(project)
+    return Definitions(assets=[*sources, *stages], resources=make_resources(project.root))
+
+
 def observe_sources(project: Project, instance: DagsterInstance, report: SyncReport) -> None:
     for source in project.sources:
         for effect in project.effects if source in PER_EFFECT_SOURCES else [None]:
             if observe_if_changed(instance, project, source, effect, by="orchestration.sync"):
                 report.observed.append(source if effect is None else f"{source}@{effect}")
-
-
-def _resolver(defs, instance: DagsterInstance) -> CachingStaleStatusResolver:
-    """Dagster's own stale-status logic (private API; the UI uses the same class). Cached: make one per question."""
-    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
-    from dagster._time import get_current_datetime
-
-    graph = defs.resolve_asset_graph()
-    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
-                          instance=instance, asset_graph=graph)
-    return CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
 
 
 def _input_tags(project: Project, instance: DagsterInstance, stage: str, effect: str) -> dict[str, str]:
@@ -125,11 +122,9 @@ def _input_tags(project: Project, instance: DagsterInstance, stage: str, effect:
 
 def sync(project: Project, instance: DagsterInstance, observe: bool = True, defs=None) -> SyncReport:
     """Observe the sources, then record every stage@effect that DVC reports clean and Dagster does not show as
-    materialized at that version and fresh. `defs` defaults to definitions built from the project as it is now."""
+    materialized at that version and fresh. `defs` defaults to the assets built from the project as it is now."""
     if defs is None:
-        from orchestration.definitions import build_defs
-
-        defs = build_defs(project.root)
+        defs = asset_defs(project.root)
     report = SyncReport()
     if observe:
         observe_sources(Project.load(project.root), instance, report)  # params.yaml as it is at this moment
@@ -160,7 +155,7 @@ def _record(project: Project, instance: DagsterInstance, defs, report: SyncRepor
             rec = _latest(instance, stage, False, effect)
             current = extract_data_version_from_entry(rec.event_log_entry) if rec else None
             if current is not None and current.value == version and \
-                    _resolver(defs, instance).get_status(AssetKey(stage), effect) == StaleStatus.FRESH:
+                    stale_status_resolver(defs, instance).get_status(AssetKey(stage), effect) == StaleStatus.FRESH:
                 report.in_sync.append(name)
                 continue
             tags = {CODE_VERSION_TAG: project.code_version(stage), DATA_VERSION_TAG: version,
@@ -189,7 +184,7 @@ def stale_status(defs, instance: DagsterInstance) -> dict[str, str]:
     Dagster's staleness is not transitive (as `dvc status` is not): after a teacher swap only `teacher_images` is
     STALE; `downstream_of_stale` gives what a rebuild will also redo."""
     graph = defs.resolve_asset_graph()
-    resolver = _resolver(defs, instance)
+    resolver = stale_status_resolver(defs, instance)
     out = {}
     for key in graph.materializable_asset_keys:
         node = graph.get(key)
@@ -256,9 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     # the instance: $DAGSTER_HOME, else <root>/.dagster_home (what `make ui` uses)
     args = ap.parse_args(argv)
 
-    from orchestration.definitions import build_defs
-
-    defs = build_defs(args.root)
+    defs = asset_defs(args.root)  # once: the assets are all the status needs (no sensor, no job)
     project = Project.load(args.root)
     if not os.environ.get("DAGSTER_HOME"):  # the instance `make ui` uses
         home = project.root / ".dagster_home"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from kornia.geometry.transform import warp_affine
 
-from fxassets import faces
+from fxassets.faces import align as faces
 from fxassets.core.config import OCCLUDERS
 from fxassets.train.augment import affine_matrices, apply_colour, augment_pairs, colour_matrices, hue_matrix, sampling_grid
 from fxassets.train.occluders import draw_occluder

@@ -14,7 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from fxassets import export as ex
+import fxassets.export.fallback as ex_fallback
+import fxassets.export.latency as ex_latency
+import fxassets.export.ort_format as ex_ort
+import fxassets.export.quantize as ex_quantize
+import fxassets.export.session as ex_session
+import fxassets.export.stage as ex_stage
 from fxassets.core.config import ExportConfig
 from fxassets.export.stage import ParityError, export_mobile
 from fxassets.export.onnx_export import export_onnx
@@ -150,7 +155,7 @@ def _sess(path: Path) -> ort.InferenceSession:
 
 def _inputs(n: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [ex.to_input(_image(rng)) for _ in range(n)]
+    return [ex_session.to_input(_image(rng)) for _ in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------ unit tests
@@ -246,7 +251,7 @@ class Flat(nn.Module):
 def test_percentile_falls_back_to_minmax_when_a_range_cannot_be_binned(tmp_path):
     path = tmp_path / "flat.onnx"
     export_onnx(Flat().eval(), path, size=32)
-    calibration = [ex.to_input(_image(np.random.default_rng(i), 32)) for i in range(2)]
+    calibration = [ex_session.to_input(_image(np.random.default_rng(i), 32)) for i in range(2)]
     info = quantize_int8(path, tmp_path / "q.onnx", calibration, method="percentile")
     assert info["method_requested"] == "percentile" and info["method"] == "minmax" and info["percentile"] is None
 
@@ -254,7 +259,7 @@ def test_percentile_falls_back_to_minmax_when_a_range_cannot_be_binned(tmp_path)
 def test_quantize_nodes_to_exclude(fp32_model, tmp_path):
     path, _ = fp32_model
     pre = tmp_path / "pre.onnx"
-    assert ex.preprocess_for_quant(path, pre)
+    assert ex_quantize.preprocess_for_quant(path, pre)
     convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"]
     base = quantize_int8(pre, tmp_path / "a.onnx", _inputs(2, 2), preprocess=False)
     info = quantize_int8(pre, tmp_path / "b.onnx", _inputs(2, 2), nodes_to_exclude=convs[-1:], preprocess=False)
@@ -279,10 +284,10 @@ def test_activation_sensitivity_finds_the_shared_concat_range(wide_narrow, tmp_p
     """qdq_loss_debug: the Concat's plain SQNR looks fine (the wide branch carries the norm); weighted by what the
     mixing conv reads, it is ~0 dB and ranks first; a Relu the quantizer folded away is not mistaken for error."""
     pre = tmp_path / "pre.onnx"
-    assert ex.preprocess_for_quant(wide_narrow, pre)
+    assert ex_quantize.preprocess_for_quant(wide_narrow, pre)
     int8 = tmp_path / "q.onnx"
     quantize_int8(pre, int8, _inputs(4, 2), method="minmax", preprocess=False)
-    rows = ex.activation_sensitivity(pre, int8, _inputs(2, 2))
+    rows = ex_fallback.activation_sensitivity(pre, int8, _inputs(2, 2))
     worst = rows[0]
     assert worst["tensor"] == "cat" and worst["score_db"] < 10.0 and worst["qdq_err_db"] > 40.0
     assert "node_cat" in worst["nodes"] and any("conv" in n for n in worst["nodes"])
@@ -293,7 +298,7 @@ def test_float_fallback_restores_parity(wide_narrow, tmp_path):
     cal, ev = _inputs(6, 2), _inputs(3, 3)
     parity = _parity_fn(wide_narrow, ev)
     int8 = tmp_path / "q.onnx"
-    q, rec = ex.quantize_with_fallback(wide_narrow, int8, cal, parity, 38.0, method="minmax", max_rounds=3)
+    q, rec = ex_fallback.quantize_with_fallback(wide_narrow, int8, cal, parity, 38.0, method="minmax", max_rounds=3)
     r0, r1 = rec["rounds"][0], rec["rounds"][1]
     assert r0["parity_psnr_db"] < 25.0  # plain int8: the narrow branch is rounded away
     assert r1["tried"][0]["tensor"] == "cat" and "node_cat" in r1["nodes_added"]  # ranked first; its region won
@@ -302,7 +307,7 @@ def test_float_fallback_restores_parity(wide_narrow, tmp_path):
     assert parity(int8) == pytest.approx(r1["parity_psnr_db"])
     assert not [x for x in tmp_path.iterdir() if x.name.startswith(".")]
     # a model that passes at once is quantized once, with nothing in float
-    _, rec = ex.quantize_with_fallback(wide_narrow, tmp_path / "q2.onnx", cal, parity, 10.0, method="minmax")
+    _, rec = ex_fallback.quantize_with_fallback(wide_narrow, tmp_path / "q2.onnx", cal, parity, 10.0, method="minmax")
     assert len(rec["rounds"]) == 1 and rec["nodes_in_float"] == [] and rec["passed"]
 
 
@@ -316,16 +321,16 @@ def _float_weight_convs(path: Path) -> set[str]:
 def test_float_ends_keep_the_image_the_first_conv_and_the_head_in_float(fp32_model, tmp_path):
     path, _ = fp32_model
     pre = tmp_path / "pre.onnx"
-    assert ex.preprocess_for_quant(path, pre)
+    assert ex_quantize.preprocess_for_quant(path, pre)
     model = onnx.load(str(pre))
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
-    ends = ex.float_end_nodes(model)
+    ends = ex_quantize.float_end_nodes(model)
     ops = {n.name: n.op_type for n in model.graph.node}
     assert convs[0] in ends and convs[-1] in ends and not set(convs[1:-1]) & set(ends)
     assert {"Add", "DepthToSpace", "Clip"} <= {ops[n] for n in ends}  # the residual add, pixel shuffle, clamp
-    assert ex.float_end_nodes(model, ["input"]) == [n for n in ends if n in ex.float_end_nodes(model, ["input"])]
+    assert ex_quantize.float_end_nodes(model, ["input"]) == [n for n in ends if n in ex_quantize.float_end_nodes(model, ["input"])]
     with pytest.raises(ValueError, match="unknown network end"):
-        ex.float_end_nodes(model, ["middle"])
+        ex_quantize.float_end_nodes(model, ["middle"])
 
     plain, ends_q = tmp_path / "plain.onnx", tmp_path / "ends.onnx"
     quantize_int8(pre, plain, _inputs(4, 2), preprocess=False)
@@ -360,9 +365,9 @@ def test_calibration_cache_is_reused_across_exclusions(fp32_model, tmp_path):
 def test_float_fallback_tries_every_candidate(wide_narrow, tmp_path):
     cal, ev = _inputs(6, 2), _inputs(3, 3)
     parity = _parity_fn(wide_narrow, ev)
-    _, every = ex.quantize_with_fallback(wide_narrow, tmp_path / "a.onnx", cal, parity, 38.0, method="minmax",
+    _, every = ex_fallback.quantize_with_fallback(wide_narrow, tmp_path / "a.onnx", cal, parity, 38.0, method="minmax",
                                          max_rounds=1, candidates=0)
-    _, two = ex.quantize_with_fallback(wide_narrow, tmp_path / "b.onnx", cal, parity, 38.0, method="minmax",
+    _, two = ex_fallback.quantize_with_fallback(wide_narrow, tmp_path / "b.onnx", cal, parity, 38.0, method="minmax",
                                        max_rounds=1, candidates=2)
     assert len(two["rounds"][1]["tried"]) == 2 < len(every["rounds"][1]["tried"])
     assert every["candidates"] == 0 and every["judge_images"] == 6
@@ -371,14 +376,14 @@ def test_float_fallback_tries_every_candidate(wide_narrow, tmp_path):
 def test_auto_calibration_keeps_the_closest_to_fp32(fp32_model, tmp_path):
     path, _ = fp32_model
     cal, ev = _inputs(6, 2), _inputs(3, 3)
-    q, rec = ex.quantize_with_fallback(path, tmp_path / "q.onnx", cal, _parity_fn(path, ev), 10.0, method="auto")
+    q, rec = ex_fallback.quantize_with_fallback(path, tmp_path / "q.onnx", cal, _parity_fn(path, ev), 10.0, method="auto")
     tried = rec["calibrations"]
-    assert [(c["method"], c["percentile"]) for c in tried] == list(ex.AUTO_CALIBRATIONS)
+    assert [(c["method"], c["percentile"]) for c in tried] == list(ex_fallback.AUTO_CALIBRATIONS)
     best = max(tried, key=lambda c: c["calibration_parity_db"])
     assert (q["method"], q["percentile"]) == (best["method"], best["percentile"])
     assert rec["rounds"][0]["calibration_parity_db"] == best["calibration_parity_db"]
     assert len({round(c["calibration_parity_db"], 3) for c in tried}) > 1  # the calibrations do differ
-    _, one = ex.quantize_with_fallback(path, tmp_path / "m.onnx", cal, _parity_fn(path, ev), 10.0, method="minmax")
+    _, one = ex_fallback.quantize_with_fallback(path, tmp_path / "m.onnx", cal, _parity_fn(path, ev), 10.0, method="minmax")
     assert [c["method"] for c in one["calibrations"]] == ["minmax"]
 
 
@@ -386,7 +391,7 @@ def test_convert_to_ort_matches_int8(fp32_model, tmp_path):
     path, _ = fp32_model
     int8 = tmp_path / "m.int8.onnx"
     quantize_int8(path, int8, _inputs(2, 2))
-    info = ex.convert_to_ort(int8, tmp_path / "m.int8.ort")
+    info = ex_ort.convert_to_ort(int8, tmp_path / "m.int8.ort")
     ort_path = Path(info["path"])
     assert ort_path.is_file() and info["bytes"] == ort_path.stat().st_size and info["target_platform"] == "arm"
     assert any("QLinearConv" in line for line in info["ops"])
@@ -395,7 +400,7 @@ def test_convert_to_ort_matches_int8(fp32_model, tmp_path):
     for x in _inputs(2, 7):
         assert np.max(np.abs(so.run(None, {"image": x})[0] - s8.run(None, {"image": x})[0])) < 1e-5
     with pytest.raises(FileNotFoundError):
-        ex.convert_to_ort(tmp_path / "nope.onnx", tmp_path / "nope.ort")
+        ex_ort.convert_to_ort(tmp_path / "nope.onnx", tmp_path / "nope.ort")
 
 
 def test_bad_calibration_hurts_parity(fp32_model, tmp_path):
@@ -422,7 +427,7 @@ def test_latency_ms(fp32_model):
     path, _ = fp32_model
     ms = latency_ms(path, threads=1, runs=3, warmup=1)
     assert 0.0 < ms < 1000.0
-    both = ex.latency_compare({"a": path, "b": path}, runs=4, warmup=1, rounds=2)
+    both = ex_latency.latency_compare({"a": path, "b": path}, runs=4, warmup=1, rounds=2)
     assert set(both) == {"a", "b"}
 
 
@@ -449,7 +454,7 @@ def test_export_mobile_writes_everything(tmp_path, patched_student):
     assert "![before / teacher / student int8 on held-out people](grid.png)" in card.read_text()
     assert not [x for x in p["out_dir"].iterdir() if x.name.startswith(".")]  # no scratch left behind
     on_disk = json.loads(p["report_json"].read_text())
-    for key in ex.REPORT_KEYS:
+    for key in ex_stage.REPORT_KEYS:
         assert key in on_disk, key
     assert on_disk["heldout_pairs"] == 6 and on_disk["calibration_samples"] == 4
     assert on_disk["parity_psnr_db"] >= 30.0 and on_disk["parity_ok"]

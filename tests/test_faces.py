@@ -14,8 +14,7 @@ from PIL import Image
 from fxassets.cli import detect as detect_cli
 from fxassets.faces.detect import Face, FaceDetector, select_face
 from fxassets.faces.align import align_matrix, invert_matrix, similarity, template, warp_aligned
-from fxassets.faces import composite
-from fxassets.faces.composite import face_mask
+from fxassets.faces.composite import composite, face_mask
 from fxassets.core.images import read_rgb
 
 REPO = Path(__file__).resolve().parents[1]

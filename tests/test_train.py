@@ -183,7 +183,7 @@ def test_time_budget_counts_the_seconds_before_a_resume(pairs, tmp_path, monkeyp
 SUBPROCESS_TRAIN = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import fxassets.train as T
+    import fxassets.train.loop as T
     from fxassets.core.config import TrainConfig
 
     pairs, out, state, cfg_json = sys.argv[1:5]

@@ -35,13 +35,9 @@ from tqdm import tqdm
 from fxassets.core.atomic import atomic_dir, write_json, write_jsonl, write_text
 from fxassets.core.config import LatentEditTeacher, Text2ImageTeacher, _Strict, load_params
 from fxassets.prompts import sample_seed
+from fxassets.pairs.skin_tones import MONK_TONES, SKIN_GROUPS
 
 # Monk Skin Tone scale (Monk 2019; Google's MST), with words a text encoder understands for each tone.
-MONK_TONES: dict[int, str] = {
-    1: "very fair", 2: "fair", 3: "light", 4: "light beige", 5: "tan",
-    6: "medium brown", 7: "brown", 8: "dark brown", 9: "deep brown", 10: "very deep brown",
-}
-SKIN_GROUPS: dict[str, tuple[int, ...]] = {"light": (1, 2, 3), "medium": (4, 5, 6, 7), "dark": (8, 9, 10)}
 AGE_GROUPS: dict[str, tuple[int, int]] = {"18-29": (18, 29), "30-44": (30, 44), "45-64": (45, 64), "65+": (65, 85)}
 GENDERS: tuple[str, ...] = ("woman", "man")
 

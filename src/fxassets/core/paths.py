@@ -8,6 +8,33 @@ from pathlib import Path
 
 STAGES = ("prompts", "teacher_images", "face_pairs", "student_checkpoint", "mobile_model")
 
+# Each stage's code, in one place: package folders and modules under src/fxassets/ that the stage function's import
+# closure reaches (tests/test_layout.py checks it). dvc.yaml lists the same entries as `src/fxassets/<entry>` deps
+# (checked too), Dagster's code versions hash them (orchestration/project.py) and the training resume key hashes
+# student_checkpoint's (train/state.py `run_key`). A package `__init__.py` with no code needs no entry.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "prompts": ("stages.py", "core", "prompts.py", "sources.py"),
+    "teacher_images": ("stages.py", "core", "teachers"),
+    "face_pairs": ("stages.py", "core", "sources.py", "faces", "pairs"),
+    "student_checkpoint": ("stages.py", "core", "faces", "pairs", "train"),
+    "mobile_model": ("stages.py", "core", "export", "train/student.py"),
+}
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/fxassets
+
+
+def stage_code_deps(stage: str) -> list[str]:
+    """The stage's code entries as dvc.yaml names them (relative to the project root)."""
+    return [f"src/fxassets/{entry}" for entry in STAGE_CODE[stage]]
+
+
+def stage_code_files(stage: str, package_dir: Path = PACKAGE_DIR) -> list[Path]:
+    """Every source file of the stage's code entries, sorted (no caches, no bytecode)."""
+    files: set[Path] = set()
+    for entry in STAGE_CODE[stage]:
+        p = package_dir / entry
+        files.update(f for f in p.rglob("*.py") if "__pycache__" not in f.parts) if p.is_dir() else files.add(p)
+    return sorted(files)
+
 
 @dataclass(frozen=True)
 class EffectPaths:

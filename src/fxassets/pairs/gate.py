@@ -27,7 +27,8 @@ import pandas as pd
 
 from fxassets.core.atomic import write_json
 from fxassets.core.config import Params, QualityConfig
-from fxassets.pairs.quality import MONK_HEX, SKIN_GROUPS, near_duplicates
+from fxassets.pairs.quality import near_duplicates
+from fxassets.pairs.skin_tones import MONK_HEX, SKIN_GROUPS
 
 GATE_FILE = "gate.json"
 DOCS_DIR = "gx_docs"

@@ -27,6 +27,7 @@ import numpy as np
 from fxassets.faces.align import ALIGN_KEYPOINTS, TEMPLATE_256, similarity, template
 from fxassets.faces.detect import Face, FaceDetector, select_face
 from fxassets.faces.composite import face_mask
+from fxassets.pairs.skin_tones import MONK_HEX, skin_group
 
 # dlib's frontal detector finds the face of every aligned 256 px sample crop (margin 0.45) at exactly this box
 # (left, top, right, bottom): the 5-point shape predictor starts from it instead of running a detector.
@@ -41,10 +42,6 @@ CHEEK_HALF_256 = 8.0
 CROP_MIN_SCORE = 0.2
 CROP_PAD = 1.3
 
-# Monk Skin Tone scale swatches (sRGB, Ellis Monk / Google, CC BY 4.0) and their ITA in degrees.
-MONK_HEX = ("f6ede4", "f3e7db", "f7ead0", "eadaba", "d7bd96", "a07e56", "825c43", "604134", "3a312a", "292420")
-# coarse groups for the balance report: Monk 1-4 / 5-6 / 7-10 (see docs/quality.md)
-SKIN_GROUPS = {"light": (1, 2, 3, 4), "medium": (5, 6), "dark": (7, 8, 9, 10)}
 
 
 def to_crop(points_256: np.ndarray, size: int, margin: float) -> tuple[np.ndarray, float]:
@@ -142,10 +139,6 @@ def monk_tone(ita: float) -> int:
     """Estimated Monk Skin Tone bin (1-10): the swatch with the nearest ITA. An estimate: lighting, white balance
     and make-up move ITA; use it to see the balance of a set, never to label a person."""
     return int(np.argmin(np.abs(MONK_ITA - ita))) + 1
-
-
-def skin_group(tone: int) -> str:
-    return next(g for g, tones in SKIN_GROUPS.items() if tone in tones)
 
 
 def landmark_drift(src: Face, tgt: Face) -> float:

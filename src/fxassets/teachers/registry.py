@@ -3,7 +3,7 @@
 - `classical`: OpenCV stylizations (CPU, milliseconds a face).
 - `img2img`, `instruct-pix2pix`: diffusers editing teachers (any local diffusers folder or hub id).
 - `text2image`: a diffusers portrait generator for source faces (`fxassets generate-sources`), not an editor.
-- `imagen`, `openai-images`: Google Imagen on Vertex AI and OpenAI's images API (paid, over HTTP; api_teachers.py).
+- `imagen`, `openai-images`: Google Imagen on Vertex AI and OpenAI's images API (paid, over HTTP; api/).
 - `latent-edit`: a GAN generator and a latent edit direction (StyleGAN2 + StyleCLIP), pairs with no photos.
 
 Importing this package never imports torch, diffusers or an HTTP client; a teacher loads what it needs on first use."""

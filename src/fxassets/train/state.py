@@ -37,11 +37,12 @@ from torch import nn
 
 from fxassets.core.atomic import atomic_dir, write_json
 from fxassets.core.config import TrainConfig
+from fxassets.core.paths import PACKAGE_DIR, stage_code_files
 from fxassets.core.hashing import sha256_file
 
 FORMAT = "fxassets-train-state/1"
-# the code a run's result depends on (a missing file, e.g. one not written yet, is skipped)
-CODE_FILES = ("train.py", "train_state.py", "losses.py", "metrics.py", "student.py", "augment.py")
+# the code a run's result depends on: the student_checkpoint stage's declared code (core.paths.STAGE_CODE)
+CODE_STAGE = "student_checkpoint"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _OURS = re.compile(r"^(step-\d{8}|\.step-\d{8}\..*\.(tmp|old))$")  # checkpoints and atomic_dir's temp folders
 
@@ -50,14 +51,14 @@ log = logging.getLogger(__name__)
 
 def run_key(cfg: TrainConfig, manifest: Path, lpips_file: Path | None = None, encoder_file: Path | None = None) -> str:
     """sha256 over what determines a training run: config, pairs, LPIPS and encoder weights, code, torch version."""
-    code_dir = Path(__file__).parent
+    package_dir = PACKAGE_DIR
     parts: dict[str, Any] = {
         "format": FORMAT,
         "train": cfg.model_dump(mode="json"),
         "manifest": sha256_file(Path(manifest)),
         "lpips": sha256_file(lpips_file) if lpips_file is not None and Path(lpips_file).is_file() else None,
         "encoder": sha256_file(encoder_file) if encoder_file is not None and Path(encoder_file).is_file() else None,
-        "code": {name: sha256_file(code_dir / name) for name in CODE_FILES if (code_dir / name).is_file()},
+        "code": {f.relative_to(package_dir).as_posix(): sha256_file(f) for f in stage_code_files(CODE_STAGE, package_dir)},
         "torch": torch.__version__,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

@@ -10,7 +10,7 @@ Both share one client (`ApiClient`):
 - a write-ahead response cache (`<cache>/api/<key>.img`, `$FXASSETS_CACHE` moves it): each image is stored the
   moment it arrives, keyed by a hash of the request (model, prompt, seed, source bytes, settings; never the
   credentials), so a run killed half way never pays twice for an image, even one whose batch had not finished;
-  the stage's per-sample cache (`teacher_images.py`) takes over once a batch is recorded there, and the entries of a
+  the stage's per-sample cache (`teachers/stage.py`) takes over once a batch is recorded there, and the entries of a
   run that ends normally are removed;
 - a cost bound: `run_session(n)` estimates n uncached samples x `price_per_image` and refuses to start over
   `max_cost`; during the run a request is only sent while spent + reserved + its price <= `max_cost` (a 2xx answer
