@@ -41,10 +41,7 @@ from fxassets.train.losses import Objective
 from fxassets.core.metrics import image_scores, quantize
 from fxassets.train.student import arch_options, build_student, count_macs, count_params, save_student
 from fxassets.train.state import Checkpointer, run_key
-from fxassets.core.manifest import read_pairs
-
-MANIFEST = "manifest.parquet"
-MANIFEST_COLUMNS = ("sample_id", "person_id", "split", "status", "source", "target")
+from fxassets.core.manifest import MANIFEST, read_pairs
 STRIDE = 32  # the student needs H and W multiples of this
 CLOCK_STEPS = 50  # a clock-driven schedule moves in 2 % steps (see the module docstring)
 WARMUP = 0.03  # share of the run spent warming the learning rate up
