@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "are reported as not built (what `make run` passes)")
     rp.set_defaults(func=_cmd_report)
 
-    from fxassets import apply_cli, bench_cli, detect_cli, generate_sources
+    from fxassets import apply_cli, bench_cli, detect_cli, evaluate_cli, generate_sources
 
-    for module in (detect_cli, apply_cli, bench_cli, generate_sources):
+    for module in (detect_cli, apply_cli, bench_cli, evaluate_cli, generate_sources):
         module.add_parser(sub)
     return ap
 
