@@ -230,7 +230,7 @@ class Slow(ClassicalTeacherImpl):
 
 root = Path(sys.argv[1])
 p = Params.model_validate({"faces": {"source": "faces"}, "effects": {"fx": {"prompt": "a cartoon"}}})
-run_teacher_images(Slow(p.teacher, p.effect("fx").teacher), root / "data/prompts/fx/prompts.jsonl", root / "data/teacher_images/fx", root, progress=False)
+run_teacher_images(Slow(p.teacher, p.effect("fx").teacher), root / "data/prompts/fx/prompts.jsonl", root / "data/teacher_images/fx", root, progress=False, faces=p.faces)
 """
 
 
@@ -258,7 +258,7 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
     from fxassets.teachers.stage import run_teacher_images
 
     paths = EffectPaths(root, "fx")
-    s = run_teacher_images(Counting(params.teacher, params.effect("fx").teacher), paths.prompts, paths.teacher_dir, root, progress=False)
+    s = run_teacher_images(Counting(params.teacher, params.effect("fx").teacher), paths.prompts, paths.teacher_dir, root, progress=False, faces=params.faces)
     assert len(calls) == 6 - done and s["cached"] == done and s["ok"] == 6
     resumed = outputs(root)
     recs = read_jsonl(paths.teacher_records)
@@ -284,7 +284,7 @@ def test_a_refused_sample_is_recorded_and_not_recomputed(tmp_path):
 
     paths = EffectPaths(root, "fx")
     for _ in range(2):
-        s = run_teacher_images(Picky(params.teacher, params.effect("fx").teacher), paths.prompts, paths.teacher_dir, root, progress=False)
+        s = run_teacher_images(Picky(params.teacher, params.effect("fx").teacher), paths.prompts, paths.teacher_dir, root, progress=False, faces=params.faces)
     assert s["ok"] == 1 and len(calls) == 2
     bad = [r for r in read_jsonl(paths.teacher_records) if r["status"] == "error"]
     assert len(bad) == 1 and "safety checker" in bad[0]["reason"] and bad[0]["image"] == ""

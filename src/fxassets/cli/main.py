@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "are reported as not built (what `make run` passes)")
     rp.set_defaults(func=_cmd_report)
 
-    from fxassets.cli import apply as apply_cli, bench as bench_cli, detect as detect_cli, generate_sources
+    from fxassets.cli import apply as apply_cli, bench as bench_cli, detect as detect_cli, evaluate as evaluate_cli
+    from fxassets.cli import generate_sources
 
-    for module in (detect_cli, apply_cli, bench_cli, generate_sources):
+    for module in (detect_cli, apply_cli, bench_cli, evaluate_cli, generate_sources):
         module.add_parser(sub)
     return ap
 

@@ -34,6 +34,10 @@ class FacesConfig(_Strict):
     margin: float = Field(0.45, ge=0.0, le=2.0, description="extra framing around the face template")
     detector: Literal["short", "full"] = "short"
     min_score: float = Field(0.5, ge=0.0, le=1.0)
+    teacher_eye_distance: float = Field(
+        76.0, ge=0, le=2000, description="eye distance (px) of the face in the photo the teacher sees: each photo "
+                                         "is resized to it first, so targets do not depend on the photo's size "
+                                         "(0: the photo as it is)")
     multiple_faces: Literal["reject", "largest", "all"] = Field("reject", description="photos with several faces: reject, the largest, or each face its own pair")
     holdout_fraction: float = Field(0.12, gt=0.0, lt=1.0, description="share of people kept for evaluation")
     split_seed: int = 0
@@ -277,6 +281,10 @@ class TrainConfig(_Strict):
     width: float = Field(1.0, gt=0, le=2, description="decoder width multiplier")
     decoder_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks after each decoder fuse")
     head_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks in the half-resolution head")
+    upsample: Literal["nearest", "bilinear"] = Field(
+        "nearest", description="decoder x2 upsampling; nearest shows the deep features' blocks as 16-32 px tiles")
+    colour_transform: bool = Field(False, description="a learned 3x3 colour matrix on the input before the residual "
+                                                      "add: the output can leave the input's colour (sketch)")
     steps: int = Field(1600, ge=1)
     max_seconds: float = Field(230, ge=0, description="wall-clock budget; 0 = steps only")
     batch_size: int = Field(4, ge=1)

@@ -14,7 +14,7 @@ STAGES = ("prompts", "teacher_images", "face_pairs", "student_checkpoint", "mobi
 # student_checkpoint's (train/state.py `run_key`). A package `__init__.py` with no code needs no entry.
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "prompts": ("stages.py", "core", "prompts.py", "sources.py"),
-    "teacher_images": ("stages.py", "core", "teachers"),
+    "teacher_images": ("stages.py", "core", "faces", "teachers"),  # faces: the face scale the teacher sees
     "face_pairs": ("stages.py", "core", "sources.py", "faces", "pairs"),
     "student_checkpoint": ("stages.py", "core", "faces", "pairs", "train"),
     "mobile_model": ("stages.py", "core", "export", "train/student.py"),

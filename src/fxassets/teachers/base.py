@@ -30,6 +30,7 @@ class Teacher(ABC):
     edits: bool = True  # edit() / edit_batch() work
     generates: bool = False  # generate_batch() works (text-to-image source generators)
     batch_size: int = 1  # samples per edit_batch() call; never changes an output
+    face_scaled: bool = True  # the photo is resized to a fixed face scale first (fxassets.face_scale)
     root: Path = Path(".")  # project root: relative model folders are found under it
 
     @abstractmethod

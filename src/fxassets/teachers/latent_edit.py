@@ -125,6 +125,7 @@ class LatentEditTeacherImpl(BatchTeacher):
     version = "1"
     edits = True
     generates = True  # G(w): the sources (fxassets generate-sources --from-params)
+    face_scaled = False  # both sides come from the generator at its own resolution
     cfg: LatentEditTeacher
 
     def __init__(self, cfg: LatentEditTeacher, effect: EffectTeacher | None = None):

@@ -23,8 +23,9 @@ import numpy as np
 from tqdm import tqdm
 
 from fxassets.core.atomic import atomic_dir, read_jsonl, write_json, write_jsonl
-from fxassets.core.images import ImageError, read_rgb, write_png
 from fxassets.core.hashing import sha256_file
+from fxassets.core.images import ImageError, read_rgb, write_png
+from fxassets.faces.scale import FaceScaler, teacher_view
 from fxassets.teachers import SampleRejected, Teacher
 from fxassets.core.paths import cache_root
 
@@ -95,13 +96,17 @@ def compute_samples(
         bar.update(len(chunk))
 
 
-def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root: Path, progress: bool = True) -> dict[str, Any]:
+def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root: Path, progress: bool = True,
+                       faces: Any = None) -> dict[str, Any]:
+    """`faces`: the FacesConfig; with `faces.teacher_eye_distance` > 0 the teacher sees each photo resized so that
+    its face has that eye distance (`fxassets.faces.scale`), and the sample keys include it."""
     if not prompts_path.is_file():
         raise FileNotFoundError(f"{prompts_path}: prompts not found; run the prompts stage first")
     t_start = time.perf_counter()
     prompts = read_jsonl(prompts_path)
     teacher.bind_root(root)
     fp = teacher.fingerprint()
+    eye_px, key_hash = teacher_view(teacher, faces)  # the outputs depend on the face scale the teacher saw too
     cache = SampleCache(cache_root(root) / "teacher")
 
     rows: list[dict[str, Any]] = []
@@ -112,7 +117,7 @@ def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root
         row.update(teacher=fp["hash"], status="error", reason="", image="", seconds=0.0)
         rows.append(row)
         try:
-            key = sample_key(sha256_file(root / rec["source"]), rec, fp["hash"])
+            key = sample_key(sha256_file(root / rec["source"]), rec, key_hash)
         except OSError as exc:
             row["reason"] = f"{root / rec['source']}: file not found" if isinstance(exc, FileNotFoundError) else f"{root / rec['source']}: {exc}"
             keys.append(None)
@@ -134,7 +139,7 @@ def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root
                 errors[rec["sample_id"]] = str(exc)
                 out[i] = exc
         if imgs:
-            edited = teacher.edit_batch(imgs, [recs[i] for i in idx])
+            edited, _ = scaler.edit(teacher, imgs, [recs[i] for i in idx])
             for i, src, o in zip(idx, imgs, edited, strict=True):
                 if isinstance(o, np.ndarray) and o.shape != src.shape:
                     raise ImageError(f"the {teacher.kind} teacher returned {o.shape}, expected {src.shape}")
@@ -143,7 +148,8 @@ def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root
 
     computed = len(todo)
     # run_session: a teacher behind a paid API checks its cost estimate for the uncached samples before any request
-    with teacher.run_session(computed), tqdm(total=len(prompts), initial=len(prompts) - computed, desc=f"teacher {fp['kind']}", unit="img", disable=not progress) as bar:
+    with FaceScaler(eye_px, *((faces.detector, faces.min_score) if eye_px else ())) as scaler, \
+            teacher.run_session(computed), tqdm(total=len(prompts), initial=len(prompts) - computed, desc=f"teacher {fp['kind']}", unit="img", disable=not progress) as bar:
         compute_samples(todo, cache, run_batch, teacher.batch_size, bar, teacher.runtime)
     t_teacher = time.perf_counter()
 

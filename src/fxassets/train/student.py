@@ -58,13 +58,28 @@ def _encoder(name: str, weights: str | Path | None) -> nn.Module:
                          f"{str(exc)[:300]}") from exc
 
 
+UPSAMPLE_MODES = ("nearest", "bilinear")
+
+
+def upsample2(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """x2 upsampling: "nearest" repeats each value over a 2x2 block (the deep features' blocks then show as 16-32 px
+    tiles in the output); "bilinear" (half-pixel centres) interpolates between them."""
+    if mode == "nearest":
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+
 class UpStage(nn.Module):
     """Upsample x2, concatenate the encoder skip, mix with a 1x1 ConvNormAct and inverted-residual blocks."""
 
     def __init__(self, in_chs: int, skip_chs: int, out_chs: int, blocks: int = 1, exp_ratio: float = 3.0,
-                 act_layer: type[nn.Module] = nn.ReLU, norm_layer: type[nn.Module] = nn.BatchNorm2d):
+                 act_layer: type[nn.Module] = nn.ReLU, norm_layer: type[nn.Module] = nn.BatchNorm2d,
+                 upsample: str = "nearest"):
         super().__init__()
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
         self.in_chs = in_chs
+        self.upsample = upsample
         self.fuse = ConvNormAct(in_chs + skip_chs, out_chs, 1, act_layer=act_layer, norm_layer=norm_layer)
         self.blocks = nn.Sequential(*[
             InvertedResidual(out_chs, out_chs, dw_kernel_size=3, exp_ratio=exp_ratio,
@@ -73,14 +88,15 @@ class UpStage(nn.Module):
         ])
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = upsample2(x, self.upsample)
         return self.blocks(self.fuse(torch.cat([x, skip], dim=1)))
 
 
 class LowResFuse(nn.Module):
     """The inference form of an `UpStage` (eval mode, same outputs up to float rounding).
 
-    A 1x1 conv commutes with nearest upsampling, so ``conv([up(x), skip]) == up(conv_x(x)) + conv_s(skip)``: the deep
+    A 1x1 conv commutes with nearest and with bilinear upsampling (both are per-channel linear maps whose weights sum
+    to 1), so ``conv([up(x), skip]) == up(conv_x(x)) + conv_s(skip)``: the deep
     input is mixed at its own (4x smaller) resolution and the upsampled tensor has the output's channels, not the
     input's.  The BatchNorm is folded into the two convs.  ~12 % less int8 latency for the default student, and int8
     gains more than fp32 (no Concat, a smaller Resize).
@@ -101,9 +117,10 @@ class LowResFuse(nn.Module):
             self.skip.weight.copy_(weight[:, in_chs:])
         self.act = nn.Sequential(bn.drop, bn.act)
         self.blocks = stage.blocks
+        self.upsample = stage.upsample
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(self.deep(x), scale_factor=2.0, mode="nearest")
+        x = upsample2(self.deep(x), self.upsample)
         return self.blocks(self.act(x + self.skip(skip)))
 
 
@@ -125,7 +142,7 @@ class Student(nn.Module):
                  decoder_channels: tuple[int, ...] = DECODER_CHANNELS, blocks: int = 0,
                  head_blocks: int = 0, exp_ratio: float = 3.0,
                  act_layer: type[nn.Module] = nn.ReLU, norm_layer: type[nn.Module] = nn.BatchNorm2d,
-                 encoder_weights: str | Path | None = None):
+                 encoder_weights: str | Path | None = None, upsample: str = "nearest", colour: bool = False):
         super().__init__()
         if len(decoder_channels) != 4:
             raise ValueError("decoder_channels needs 4 values (strides 16, 8, 4, 2)")
@@ -133,7 +150,7 @@ class Student(nn.Module):
         self.width = float(width)
         # the shape-defining settings beyond encoder and width: saved in checkpoints, passed back on load
         self.arch = {"decoder_channels": list(decoder_channels), "blocks": blocks, "head_blocks": head_blocks,
-                     "exp_ratio": exp_ratio}
+                     "exp_ratio": exp_ratio, "upsample": upsample, "colour": colour}
         self.encoder = _encoder(encoder, encoder_weights)
         info = self.encoder.feature_info
         reductions = info.reduction()
@@ -142,7 +159,7 @@ class Student(nn.Module):
         enc = info.channels()  # strides 2, 4, 8, 16, 32
         dec = [_ch(c * width) for c in decoder_channels]
         kw = dict(act_layer=act_layer, norm_layer=norm_layer)
-        up = dict(blocks=blocks, exp_ratio=exp_ratio, **kw)
+        up = dict(blocks=blocks, exp_ratio=exp_ratio, upsample=upsample, **kw)
         self.bottleneck = ConvNormAct(enc[4], dec[0], 1, **kw)  # stride 32 -> decoder width
         self.up16 = UpStage(dec[0], enc[3], dec[0], **up)
         self.up8 = UpStage(dec[0], enc[2], dec[1], **up)
@@ -155,6 +172,14 @@ class Student(nn.Module):
         )
         nn.init.zeros_(self.head[-1].weight)  # start as the identity: out == x
         nn.init.zeros_(self.head[-1].bias)
+        # a learned colour transform of the input (a 3x3 matrix + offset, starting as the identity), so that the
+        # output can leave the input's colours where the teacher does (a pencil sketch is grey) for any input
+        # colour, not only for the skin tones and lighting it was trained on
+        self.colour = nn.Conv2d(3, 3, 1, bias=True) if colour else None
+        if self.colour is not None:
+            with torch.no_grad():
+                self.colour.weight.copy_(torch.eye(3)[:, :, None, None])
+                self.colour.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f2, f4, f8, f16, f32 = self.encoder(x)
@@ -163,7 +188,8 @@ class Student(nn.Module):
         y = self.up8(y, f8)
         y = self.up4(y, f4)
         y = self.head(self.up2(y, f2))
-        return torch.clamp(x + F.pixel_shuffle(y, 2), 0.0, 1.0)
+        base = x if self.colour is None else self.colour(x)
+        return torch.clamp(base + F.pixel_shuffle(y, 2), 0.0, 1.0)
 
 
 def build_student(encoder: str = DEFAULT_ENCODER, width: float = 1.0, **kwargs: Any) -> nn.Module:
@@ -171,9 +197,10 @@ def build_student(encoder: str = DEFAULT_ENCODER, width: float = 1.0, **kwargs: 
     return Student(encoder=encoder, width=width, **kwargs)
 
 
-def arch_options(cfg: Any) -> dict[str, int]:
+def arch_options(cfg: Any) -> dict[str, Any]:
     """The decoder settings of a `TrainConfig` as `build_student` keyword arguments."""
-    return {"blocks": cfg.decoder_blocks, "head_blocks": cfg.head_blocks}
+    return {"blocks": cfg.decoder_blocks, "head_blocks": cfg.head_blocks, "upsample": cfg.upsample,
+            "colour": cfg.colour_transform}
 
 
 def count_params(model: nn.Module) -> int:
