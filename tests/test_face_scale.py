@@ -70,6 +70,9 @@ def test_the_face_scale_is_part_of_the_sample_key_and_latent_edit_is_never_resca
     other = params.faces.model_copy(update={"teacher_eye_distance": 90.0})
     assert eye == 76.0 and key != teacher_view(teacher, other)[1] and key.startswith(teacher.fingerprint()["hash"])
     assert teacher_view(teacher, None) == (0.0, teacher.fingerprint()["hash"])
+    from fxassets.teachers.api.base import ApiTeacher
+    from fxassets.teachers.diffusers import DiffusersTeacherBase
     from fxassets.teachers.latent_edit import LatentEditTeacherImpl
 
-    assert LatentEditTeacherImpl.face_scaled is False
+    # teachers that resize to a working resolution of their own, or draw both sides, see the photo as it is
+    assert not (LatentEditTeacherImpl.face_scaled or ApiTeacher.face_scaled or DiffusersTeacherBase.face_scaled)

@@ -5,8 +5,9 @@ diffusion model or an API sees a 4000 px phone photo and a 512 px crop different
 photo is resized so that its (largest) face's eye distance is `faces.teacher_eye_distance` pixels (the sample
 portraits at 512 px have 67-87, median 76.5); the teacher's output is resized back to the photo's size, so that
 `face_pairs` aligns both sides with the source's transform as before.  A photo without a detected face goes to
-the teacher as it is (`face_pairs` rejects it anyway).  Teachers that draw both sides themselves (latent-edit)
-are never rescaled.
+the teacher as it is (`face_pairs` rejects it anyway).  Only teachers that work at the photo's own pixel size are
+rescaled (`Teacher.face_scaled`: the classical filters); diffusion and API teachers resize every photo to their
+working resolution already, and latent-edit draws both sides itself.
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ class Teacher(ABC):
     edits: bool = True  # edit() / edit_batch() work
     generates: bool = False  # generate_batch() works (text-to-image source generators)
     batch_size: int = 1  # samples per edit_batch() call; never changes an output
-    face_scaled: bool = True  # the photo is resized to a fixed face scale first (fxassets.face_scale)
+    # the photo is resized to a fixed face scale first (fxassets.faces.scale): for teachers that work at the photo's
+    # own pixel size (the classical filters); those that resize to a working resolution of their own do not need it
+    face_scaled: bool = True
     root: Path = Path(".")  # project root: relative model folders are found under it
 
     @abstractmethod

@@ -82,6 +82,7 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
 
 
 class DiffusersTeacherBase(Teacher):
+    face_scaled = False  # every photo is resized to teacher.size (its working resolution) anyway
     """Shared loading, fingerprinting and calling; subclasses pick the pipeline and its arguments."""
 
     version = "1"

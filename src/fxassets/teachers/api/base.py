@@ -78,6 +78,7 @@ class _Job:
 
 
 class ApiTeacher(BatchTeacher):
+    face_scaled = False  # the provider works at the output size it is asked for, whatever the photo's size
     """Shared by the API teachers: sessions, cost bound, concurrency, caching. Subclasses build requests and read
     answers."""
 
