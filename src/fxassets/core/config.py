@@ -282,7 +282,7 @@ class TrainConfig(_Strict):
     decoder_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks after each decoder fuse")
     head_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks in the half-resolution head")
     upsample: Literal["nearest", "bilinear"] = Field(
-        "nearest", description="decoder x2 upsampling; nearest shows the deep features' blocks as 16-32 px tiles")
+        "bilinear", description="decoder x2 upsampling; nearest shows the deep features' blocks as 16-32 px tiles")
     colour_transform: bool = Field(False, description="a learned 3x3 colour matrix on the input before the residual "
                                                       "add: the output can leave the input's colour (sketch)")
     steps: int = Field(1600, ge=1)
