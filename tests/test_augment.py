@@ -324,3 +324,30 @@ def test_hue_turn():
     assert kornia_red[1] > rgb[1] and ours_red[1] > rgb[1]  # green up: red towards yellow
     ratio = (ours_red - rgb.float()).norm() / (kornia_red - rgb.float()).norm()
     assert 0.5 < ratio < 2  # about as big a change as kornia's
+
+
+# -- capture simulation (fxassets.train.capture) ----------------------------------------------------------------
+
+
+def test_capture_simulation_degrades_the_source_and_keeps_a_grey_target_grey():
+    from fxassets.train.capture import is_grey, simulate_capture
+
+    torch.manual_seed(0)
+    src = torch.rand(6, 3, 64, 64)
+    colour_tgt = torch.rand(6, 3, 64, 64)
+    grey_tgt = src.mean(1, keepdim=True).expand(6, 3, 64, 64).clone()
+    off = AugmentConfig()
+    gen = torch.Generator().manual_seed(1)
+    state = gen.get_state()
+    a, b = simulate_capture(src, grey_tgt, off, gen)
+    assert a is src and b is grey_tgt and torch.equal(gen.get_state(), state)  # off: nothing drawn, nothing changed
+    on = AugmentConfig(capture_probability=1.0)
+    a, b = simulate_capture(src, grey_tgt, on, torch.Generator().manual_seed(1))
+    assert is_grey(b).all() and not is_grey(a).any()  # the pencil sketch stays grey; the photo changed colour
+    assert (a - src).abs().mean() > 0.01 and not torch.equal(b, grey_tgt)  # exposure reaches the grey target too
+    a2, b2 = simulate_capture(src, colour_tgt, on, torch.Generator().manual_seed(1))
+    gains_src = (a2.mean((2, 3)) / src.mean((2, 3)).clamp(min=1e-6))
+    gains_tgt = (b2.mean((2, 3)) / colour_tgt.mean((2, 3)).clamp(min=1e-6))
+    assert torch.allclose(gains_src, gains_tgt, atol=0.08)  # a colour target gets the same white balance
+    again = simulate_capture(src, colour_tgt, on, torch.Generator().manual_seed(1))
+    assert torch.equal(again[0], a2) and torch.equal(again[1], b2)  # deterministic given the generator

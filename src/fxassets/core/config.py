@@ -272,6 +272,13 @@ class AugmentConfig(_Strict):
     occluder_probability: float = Field(0.3, ge=0, le=1, description="share of samples given a synthetic occluder")
     occluders: tuple[Literal["glasses", "sunglasses", "hand"], ...] = Field(
         OCCLUDERS, description="synthetic occluders pasted on source and target alike")
+    capture_probability: float = Field(0.0, ge=0, le=1, description="share of pairs given a simulated capture "
+                                       "(fxassets.train.capture: white balance, exposure, noise, blur, JPEG)")
+    white_balance: float = Field(0.15, ge=0, le=0.5, description="capture: per-channel gains up to +- this")
+    exposure: float = Field(0.2, ge=0, le=0.8, description="capture: brightness gain up to +- this")
+    noise: float = Field(0.03, ge=0, le=0.2, description="capture: Gaussian noise sigma up to this (source only)")
+    blur: float = Field(1.2, ge=0, le=5, description="capture: Gaussian blur sigma up to 0.3 + this px (source only)")
+    jpeg_quality: int = Field(40, ge=5, le=95, description="capture: JPEG quality from this to 95 (source only)")
 
 
 class TrainConfig(_Strict):

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from fxassets.core.atomic import write_json, write_text
 from fxassets.train.augment import augment_pairs
+from fxassets.train.capture import simulate_capture
 from fxassets.core.config import AugmentConfig, TrainConfig
 from fxassets.faces.align import DEFAULT_MARGIN
 from fxassets.core.images import read_png_rgb
@@ -97,6 +98,8 @@ def random_batch(pairs: PairSet, batch: int, crop: int, gen: torch.Generator, au
     idx = torch.randint(0, n, (batch,), generator=gen)
     src, tgt = pairs.source[idx].float().div_(255.0), pairs.target[idx].float().div_(255.0)
     src, tgt = augment_pairs(src, tgt, augment or FLIPS_ONLY, gen, margin=margin)
+    if augment is not None and augment.capture_probability > 0:
+        src, tgt = simulate_capture(src, tgt, augment, gen)
     if crop >= h and crop >= w:
         return src, tgt
     ys = torch.randint(0, h - crop + 1, (batch,), generator=gen).tolist()
