@@ -34,10 +34,8 @@ class FacesConfig(_Strict):
     margin: float = Field(0.45, ge=0.0, le=2.0, description="extra framing around the face template")
     detector: Literal["short", "full"] = "short"
     min_score: float = Field(0.5, ge=0.0, le=1.0)
-    teacher_eye_distance: float = Field(
-        76.0, ge=0, le=2000, description="eye distance (px) of the face in the photo the teacher sees: each photo "
-                                         "is resized to it first, so targets do not depend on the photo's size "
-                                         "(0: the photo as it is)")
+    # px between the eyes in the photo the teacher sees (fxassets.faces.scale; 0: the photo as it is)
+    teacher_eye_distance: float = Field(76.0, ge=0, le=2000)
     multiple_faces: Literal["reject", "largest", "all"] = Field("reject", description="photos with several faces: reject, the largest, or each face its own pair")
     holdout_fraction: float = Field(0.12, gt=0.0, lt=1.0, description="share of people kept for evaluation")
     split_seed: int = 0
@@ -272,13 +270,13 @@ class AugmentConfig(_Strict):
     occluder_probability: float = Field(0.3, ge=0, le=1, description="share of samples given a synthetic occluder")
     occluders: tuple[Literal["glasses", "sunglasses", "hand"], ...] = Field(
         OCCLUDERS, description="synthetic occluders pasted on source and target alike")
-    capture_probability: float = Field(0.0, ge=0, le=1, description="share of pairs given a simulated capture "
-                                       "(fxassets.train.capture: white balance, exposure, noise, blur, JPEG)")
-    white_balance: float = Field(0.15, ge=0, le=0.5, description="capture: per-channel gains up to +- this")
-    exposure: float = Field(0.2, ge=0, le=0.8, description="capture: brightness gain up to +- this")
-    noise: float = Field(0.03, ge=0, le=0.2, description="capture: Gaussian noise sigma up to this (source only)")
-    blur: float = Field(1.2, ge=0, le=5, description="capture: Gaussian blur sigma up to 0.3 + this px (source only)")
-    jpeg_quality: int = Field(40, ge=5, le=95, description="capture: JPEG quality from this to 95 (source only)")
+    # simulated captures (fxassets.train.capture): share of pairs, gains +-, noise / blur sigma, JPEG quality..95
+    capture_probability: float = Field(0.0, ge=0, le=1)
+    white_balance: float = Field(0.15, ge=0, le=0.5)
+    exposure: float = Field(0.2, ge=0, le=0.8)
+    noise: float = Field(0.03, ge=0, le=0.2)
+    blur: float = Field(1.2, ge=0, le=5)
+    jpeg_quality: int = Field(40, ge=5, le=95)
 
 
 class TrainConfig(_Strict):
@@ -290,8 +288,7 @@ class TrainConfig(_Strict):
     head_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks in the half-resolution head")
     upsample: Literal["nearest", "bilinear"] = Field(
         "bilinear", description="decoder x2 upsampling; nearest shows the deep features' blocks as 16-32 px tiles")
-    colour_transform: bool = Field(False, description="a learned 3x3 colour matrix on the input before the residual "
-                                                      "add: the output can leave the input's colour (sketch)")
+    colour_transform: bool = Field(False, description="a learned 3x3 colour map of the input (student.py)")
     steps: int = Field(1600, ge=1)
     max_seconds: float = Field(230, ge=0, description="wall-clock budget; 0 = steps only")
     batch_size: int = Field(4, ge=1)
