@@ -23,6 +23,7 @@ refusal) is listed with its reason, never a crash.
 from __future__ import annotations
 
 import zlib
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ def build_pairs(params: Any, effect: str, photos: Path, root: Path = Path("."), 
     cache = SampleCache(Path(cache_dir) if cache_dir else cache_root(root) / "evaluate")
     eye_px, key_hash = teacher_view(teacher, faces)
     out = EvalSet()
-    with FaceDetector(faces.detector, faces.min_score) as det, teacher.run_session(len(files)), \
+    with closing(teacher), FaceDetector(faces.detector, faces.min_score) as det, teacher.run_session(len(files)), \
             FaceScaler(eye_px, faces.detector, faces.min_score) as scaler:
         for path in tqdm(files, desc=f"evaluate {effect}: teacher + faces", unit="photo", disable=not progress):
             name = path.name
@@ -193,7 +194,6 @@ def build_pairs(params: Any, effect: str, photos: Path, root: Path = Path("."), 
                 label = name if k == 0 else f"{name}#face{k}"
                 out.pairs.append(EvalPair(label, warp_aligned(src, M, faces.crop_size),
                                           warp_aligned(tgt, M, faces.crop_size), float(face.box[2])))
-    teacher.close()
     return out
 
 

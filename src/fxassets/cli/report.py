@@ -39,8 +39,8 @@ def effect_failure(params: Params, effect: str, root: Path = Path("."), stale: l
     gate = _load(p.pairs_dir / "gate.json")
     if gate and not gate.get("passed", True):
         failed = [c for c in gate.get("set_checks", []) if not c.get("passed")]
-        what = "; ".join(f"{c['check']} {c['observed']:.3g} (rule: {c['rule']})" if isinstance(c.get("observed"), float)
-                         else f"{c['check']} {c.get('observed')} (rule: {c['rule']})" for c in failed) or "see gate.json"
+        what = "; ".join(f"{c['check']} {_fmt(c.get('observed'), '.3g' if isinstance(c.get('observed'), float) else '')}"
+                         f" (rule: {c['rule']})" for c in failed) or "see gate.json"
         return (f"{effect}: the pair quality gate failed: {what}; loosen `effects.{effect}.quality` in params.yaml "
                 f"(docs/quality.md) or fix the source photos, {rebuild}")
     mobile = _load(p.mobile_report)
