@@ -280,3 +280,31 @@ def test_encoder_weights_from_a_local_file(tmp_path):
         build_student(encoder_weights=tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="encoder_weights"):  # another model's weights
         build_student("mobilenetv2_100", encoder_weights=path)
+
+
+def test_output_colour_map_starts_as_identity_folds_exactly_and_makes_grey_from_any_colour(tmp_path):
+    """train.colour_transform: a 3x3 map of the output.  It starts as the identity; once it is a grey projection
+    the student's output is grey for any input colour (the property the pencil sketch needs on new captures); the
+    exported form (the map folded into an input 1x1 conv and the head) gives the same outputs, in ONNX too."""
+    from fxassets.export.onnx_export import export_onnx
+    from fxassets.train.student import inference_form
+
+    torch.manual_seed(4)
+    model = build_student(colour=True, upsample="bilinear").eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), x)
+        model.head[-1].weight.normal_(0, 0.05)
+        model.colour.weight.copy_(torch.tensor([0.299, 0.587, 0.114]).repeat(3, 1)[:, :, None, None])
+        model.colour.bias.fill_(0.01)
+        y = model(x)
+        folded = inference_form(model)
+        z = folded(x)
+    assert (y - y.mean(1, keepdim=True)).abs().max() < 1e-6 and not torch.equal(y, x)  # grey, and not the input
+    assert torch.allclose(y, z, atol=1e-5) and folded.colour_folded and not model.colour_folded
+    onnx_path = tmp_path / "s.onnx"
+    export_onnx(model, onnx_path, size=64)
+    import onnxruntime as ort
+
+    out = ort.InferenceSession(str(onnx_path)).run(None, {"image": x[:1].numpy()})[0]
+    assert abs(out - y[:1].numpy()).max() < 1e-4

@@ -8,6 +8,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from fxassets.captures import draw_capture, variant_id
 from fxassets.core.atomic import atomic_dir, write_jsonl
 from fxassets.core.config import EffectConfig, FacesConfig
 from fxassets.sources import list_sources
@@ -19,20 +20,24 @@ def sample_seed(effect_seed: int, sample_id: str) -> int:
 
 
 def build_prompts(faces: FacesConfig, effect: EffectConfig, root: Path) -> list[dict[str, Any]]:
+    """One record per source photo, then `faces.capture_variants` records per photo for its simulated captures
+    (`fxassets.captures`: the same photo and person, a `capture` spec, their own sample id and seed)."""
     records = []
     for src in list_sources(root / faces.source, effect.samples):
-        records.append(
-            {
-                "sample_id": src.sample_id,
-                "source": src.path.relative_to(root).as_posix(),
-                "source_sha256": sha256_file(src.path),
-                "person_id": src.person_id,
-                "attributes": src.attributes,
-                "prompt": effect.prompt,
-                "negative_prompt": effect.negative_prompt,
-                "seed": sample_seed(effect.seed, src.sample_id),
-            }
-        )
+        base = {
+            "sample_id": src.sample_id,
+            "source": src.path.relative_to(root).as_posix(),
+            "source_sha256": sha256_file(src.path),
+            "person_id": src.person_id,
+            "attributes": src.attributes,
+            "prompt": effect.prompt,
+            "negative_prompt": effect.negative_prompt,
+            "seed": sample_seed(effect.seed, src.sample_id),
+        }
+        records.append(base)
+        for k in range(1, faces.capture_variants + 1):
+            vid = variant_id(src.sample_id, k)
+            records.append({**base, "sample_id": vid, "seed": sample_seed(effect.seed, vid), "capture": draw_capture(src.sample_id, k)})
     return records
 
 

@@ -36,6 +36,7 @@ class FacesConfig(_Strict):
     min_score: float = Field(0.5, ge=0.0, le=1.0)
     # px between the eyes in the photo the teacher sees (fxassets.faces.scale; 0: the photo as it is)
     teacher_eye_distance: float = Field(76.0, ge=0, le=2000)
+    capture_variants: int = Field(0, ge=0, le=16, description="simulated captures per photo, each a teacher sample (fxassets.captures)")
     multiple_faces: Literal["reject", "largest", "all"] = Field("reject", description="photos with several faces: reject, the largest, or each face its own pair")
     holdout_fraction: float = Field(0.12, gt=0.0, lt=1.0, description="share of people kept for evaluation")
     split_seed: int = 0
@@ -281,14 +282,13 @@ class AugmentConfig(_Strict):
 
 class TrainConfig(_Strict):
     encoder: str = Field("mobilenetv4_conv_small_050", description="a timm model with features at strides 2..32")
-    encoder_weights: Path | None = Field(None, description="local file with the encoder's pretrained weights "
-                                                           "(a timm state dict); none: random init")
+    encoder_weights: Path | None = Field(None, description="a local timm state dict for the encoder; none: random init")
     width: float = Field(1.0, gt=0, le=2, description="decoder width multiplier")
     decoder_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks after each decoder fuse")
     head_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks in the half-resolution head")
     upsample: Literal["nearest", "bilinear"] = Field(
         "bilinear", description="decoder x2 upsampling; nearest shows the deep features' blocks as 16-32 px tiles")
-    colour_transform: bool = Field(False, description="a learned 3x3 colour map of the input (student.py)")
+    colour_transform: bool = Field(False, description="a learned 3x3 colour map of the output (student.py)")
     steps: int = Field(1600, ge=1)
     max_seconds: float = Field(230, ge=0, description="wall-clock budget; 0 = steps only")
     batch_size: int = Field(4, ge=1)

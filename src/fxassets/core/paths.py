@@ -13,9 +13,9 @@ STAGES = ("prompts", "teacher_images", "face_pairs", "student_checkpoint", "mobi
 # (checked too), Dagster's code versions hash them (orchestration/project.py) and the training resume key hashes
 # student_checkpoint's (train/state.py `run_key`). A package `__init__.py` with no code needs no entry.
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "prompts": ("stages.py", "core", "prompts.py", "sources.py"),
-    "teacher_images": ("stages.py", "core", "faces", "teachers"),  # faces: the face scale the teacher sees
-    "face_pairs": ("stages.py", "core", "sources.py", "faces", "pairs"),
+    "prompts": ("stages.py", "core", "prompts.py", "sources.py", "captures.py"),
+    "teacher_images": ("stages.py", "core", "captures.py", "faces", "teachers"),  # faces: the face scale the teacher sees
+    "face_pairs": ("stages.py", "core", "captures.py", "sources.py", "faces", "pairs"),
     "student_checkpoint": ("stages.py", "core", "faces", "pairs", "train"),
     "mobile_model": ("stages.py", "core", "export", "train/student.py"),
 }

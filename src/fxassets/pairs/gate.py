@@ -89,7 +89,7 @@ def mark_duplicates(df: pd.DataFrame, max_distance: int) -> pd.DataFrame:
     """`duplicate_of` (the first sample it near-duplicates) and `duplicate_distance`, over the measured pairs."""
     df = df.copy()
     hashes = [int(h, 16) if isinstance(h, str) and h else None for h in df["phash"]]
-    dups = near_duplicates(hashes, max_distance)
+    dups = near_duplicates(hashes, max_distance, df["person_id"].astype(str).tolist())
     ids = df["sample_id"].tolist()
     df["duplicate_of"] = [ids[d[0]] if d else None for d in dups]
     df["duplicate_distance"] = [float(d[1]) if d else float("nan") for d in dups]

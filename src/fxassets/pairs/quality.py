@@ -87,8 +87,11 @@ def hamming(a: int, b: int) -> int:
     return int(bin(a ^ b).count("1"))
 
 
-def near_duplicates(hashes: list[int | None], max_distance: int) -> list[tuple[int, int] | None]:
-    """For each hash: (index of the first earlier hash within `max_distance`, distance), or None.
+def near_duplicates(hashes: list[int | None], max_distance: int,
+                    groups: list[str] | None = None) -> list[tuple[int, int] | None]:
+    """For each hash: (index of the first earlier hash within `max_distance`, distance), or None.  With `groups`
+    (person ids) only hashes of different groups count: a person's several photos and simulated captures are on
+    one side of the split and may look alike; the same face under two person ids may not.
 
     The first of a group of near-duplicates is kept (None), every later one points at it. O(n^2) popcounts in
     numpy: fine up to tens of thousands of pairs."""
@@ -101,6 +104,9 @@ def near_duplicates(hashes: list[int | None], max_distance: int) -> list[tuple[i
     for j in range(1, len(idx)):
         x = (h[:j] ^ h[j]).view(np.uint8).reshape(j, 8)
         d = table[x].sum(1, dtype=np.int32)
+        if groups is not None:
+            same = np.array([groups[i] == groups[idx[j]] for i in idx[:j]])
+            d = np.where(same, max_distance + 1, d)
         k = int(np.argmin(d))
         if d[k] <= max_distance:
             first = idx[k]

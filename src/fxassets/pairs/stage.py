@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from fxassets.captures import apply_capture
 from fxassets.core.atomic import atomic_dir, atomic_path, read_jsonl, write_json
 from fxassets.core.config import FacesConfig, QualityConfig
 from fxassets.faces.detect import Face, FaceDetector, select_faces
@@ -100,7 +101,8 @@ def run_face_pairs(
             sid = rec["sample_id"]
             row: dict[str, Any] = {
                 "sample_id": sid, "person_id": str(rec["person_id"]),
-                "split": "heldout" if rec["person_id"] in held else "train",
+                # a held-out person's simulated captures: kept apart, neither trained on nor in the held-out figures
+                "split": ("heldout_capture" if rec.get("capture") else "heldout") if rec["person_id"] in held else "train",
                 "source_file": rec["source"], "det_score": float("nan"), "num_faces": 0, "face_width": float("nan"),
                 "align_matrix": [], "image_width": 0, "image_height": 0,
                 "age": _age(attributes.get(sid, {}).get("age")), "gender": attributes.get(sid, {}).get("gender"),
@@ -110,7 +112,7 @@ def run_face_pairs(
                 rows.append(_reject(row, f"teacher error: {rec['reason']}"))
                 continue
             try:
-                src = read_rgb(root / rec["source"])
+                src = apply_capture(read_rgb(root / rec["source"]), rec.get("capture"))
                 tgt = read_png_rgb(teacher_dir / rec["image"])
             except ImageError as exc:
                 rows.append(_reject(row, str(exc)))

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from fxassets.captures import apply_capture
 from fxassets.core.atomic import atomic_dir, read_jsonl, write_json, write_jsonl
 from fxassets.core.hashing import sha256_file
 from fxassets.core.images import ImageError, read_rgb, write_png
@@ -35,6 +36,8 @@ RECORD_FIELDS = ("sample_id", "source", "person_id", "seed", "prompt", "teacher"
 def sample_key(source_sha256: str, record: dict[str, Any], teacher_hash: str) -> str:
     """The cache key of one sample: everything its output depends on."""
     parts = [source_sha256, record.get("prompt", ""), record.get("negative_prompt", ""), record.get("attributes") or {}, int(record["seed"]), teacher_hash]
+    if record.get("capture"):  # a simulated capture (fxassets.captures); plain photos keep the keys they had
+        parts.append(record["capture"])
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -114,6 +117,8 @@ def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root
     todo: list[tuple[str, dict[str, Any]]] = []
     for rec in prompts:
         row = {k: rec[k] for k in ("sample_id", "source", "person_id", "seed", "prompt")}
+        if rec.get("capture"):
+            row["capture"] = rec["capture"]
         row.update(teacher=fp["hash"], status="error", reason="", image="", seconds=0.0)
         rows.append(row)
         try:
@@ -133,7 +138,7 @@ def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root
         imgs, idx = [], []
         for i, rec in enumerate(recs):
             try:
-                imgs.append(read_rgb(root / rec["source"]))
+                imgs.append(apply_capture(read_rgb(root / rec["source"]), rec.get("capture")))
                 idx.append(i)
             except ImageError as exc:
                 errors[rec["sample_id"]] = str(exc)

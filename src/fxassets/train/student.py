@@ -131,7 +131,21 @@ def inference_form(model: nn.Module) -> nn.Module:
         stage = getattr(out, name, None)
         if isinstance(stage, UpStage):
             setattr(out, name, LowResFuse(stage))
+    if getattr(out, "colour", None) is not None and not out.colour_folded:
+        fold_colour(out)
     return out
+
+
+def fold_colour(model: "Student") -> None:
+    """M (x + delta) + b == (M x + b) + M delta: the output colour map moved into the head's last conv (whose 12
+    channels are pixel_shuffle's colour c, sub-pixel i at c * 4 + i), leaving a 1x1 conv of the input."""
+    m = model.colour.weight[:, :, 0, 0]
+    last = model.head[-1]
+    with torch.no_grad():
+        w = last.weight.reshape(3, 4, -1)  # colour, sub-pixel, in
+        last.weight.copy_(torch.einsum("ck,kij->cij", m, w).reshape(last.weight.shape))
+        last.bias.copy_((m @ last.bias.reshape(3, 4)).reshape(-1))
+    model.colour_folded = True
 
 
 class Student(nn.Module):
@@ -172,10 +186,12 @@ class Student(nn.Module):
         )
         nn.init.zeros_(self.head[-1].weight)  # start as the identity: out == x
         nn.init.zeros_(self.head[-1].bias)
-        # a learned colour transform of the input (a 3x3 matrix + offset, starting as the identity), so that the
-        # output can leave the input's colours where the teacher does (a pencil sketch is grey) for any input
-        # colour, not only for the skin tones and lighting it was trained on
+        # a learned colour map of the output (a 3x3 matrix + offset, starting as the identity): where the teacher
+        # removes colour (a pencil sketch is grey) it learns the projection once for every input, instead of a
+        # per-pixel change that cancels the colours of the training studio only.  Export folds it into a 1x1
+        # conv of the input (kept in float) and the head's last conv: out = M x + b + M delta.
         self.colour = nn.Conv2d(3, 3, 1, bias=True) if colour else None
+        self.colour_folded = False
         if self.colour is not None:
             with torch.no_grad():
                 self.colour.weight.copy_(torch.eye(3)[:, :, None, None])
@@ -188,8 +204,12 @@ class Student(nn.Module):
         y = self.up8(y, f8)
         y = self.up4(y, f4)
         y = self.head(self.up2(y, f2))
-        base = x if self.colour is None else self.colour(x)
-        return torch.clamp(base + F.pixel_shuffle(y, 2), 0.0, 1.0)
+        delta = F.pixel_shuffle(y, 2)
+        if self.colour is None:
+            return torch.clamp(x + delta, 0.0, 1.0)
+        if self.colour_folded:  # the inference form: M applied to the head already
+            return torch.clamp(self.colour(x) + delta, 0.0, 1.0)
+        return torch.clamp(self.colour(x + delta), 0.0, 1.0)
 
 
 def build_student(encoder: str = DEFAULT_ENCODER, width: float = 1.0, **kwargs: Any) -> nn.Module:
