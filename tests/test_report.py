@@ -77,4 +77,10 @@ def test_all_built_exits_zero(tmp_path, monkeypatch, capsys):
     _built(root, "sketch", 42.0)
     monkeypatch.chdir(root)
     assert main(["report"]) == 0
-    assert "FAILED" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FAILED" not in out and "max_seconds" not in out
+    # a training cut short by a user's wall-clock cap is said under the table
+    m = EffectPaths(root, "sketch").train_metrics
+    m.write_text(json.dumps({**json.loads(m.read_text()), "steps": 964, "planned_steps": 1600, "capped": True}))
+    assert main(["report"]) == 0
+    assert "sketch: training stopped at train.max_seconds after 964 steps of the planned 1600" in capsys.readouterr().out

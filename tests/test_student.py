@@ -123,6 +123,8 @@ def test_training_writes_outputs(trained):
         assert math.isfinite(metrics[k])
     assert metrics["steps"] == 5 and metrics["train_pairs"] == 8 and metrics["heldout_pairs"] == 3
     assert metrics["resumed_from_step"] == 0
+    assert metrics["planned_steps"] == 5 and metrics["capped"] is False
+    assert TrainConfig().max_seconds == 0  # the default budget is steps only: the machine's speed changes nothing
     lines = (out / "curve.csv").read_text().splitlines()
     assert lines[0] == CURVE_HEADER
     rows = list(csv.DictReader(lines))
@@ -162,6 +164,7 @@ def test_time_budget_stops_early(pairs, tmp_path):
     metrics = run(pairs, tmp_path, tiny_cfg(steps=100_000, max_seconds=1.0, eval_every=1000))
     assert 1 <= metrics["steps"] < 100_000
     assert metrics["train_seconds"] < 30
+    assert metrics["capped"] is True and metrics["planned_steps"] == 100_000  # recorded, and printed by the report
 
 
 def test_learns_an_easy_teacher(pairs, tmp_path):

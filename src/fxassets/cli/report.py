@@ -74,6 +74,9 @@ def effect_rows(params: Params, root: Path = Path("."), dvc_status: dict[str, An
                 "kept": pairs.get("kept"),
                 "rejected": pairs.get("rejected"),
                 "psnr_db": train.get("heldout_psnr"),
+                "steps": train.get("steps"),
+                "planned_steps": train.get("planned_steps"),
+                "capped": bool(train.get("capped")),
                 "ssim": train.get("heldout_ssim"),
                 "identity_psnr_db": train.get("identity_psnr"),
                 "int8_psnr_db": mobile.get("int8_psnr_db"),
@@ -113,4 +116,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     table = [line(head), line(["-" * w for w in widths]), *map(line, body)] if rows else ["no effect built"]
-    return "\n".join(table + ([""] + [f"FAILED {f}" for f in failed] if failed else []))
+    capped = [f"note: {r['effect']}: training stopped at train.max_seconds after {r['steps']} steps of the planned "
+              f"{r.get('planned_steps') or 'train.steps'}: the model depends on this machine's speed" for r in rows if r.get("capped")]
+    return "\n".join(table + capped + ([""] + [f"FAILED {f}" for f in failed] if failed else []))

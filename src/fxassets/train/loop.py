@@ -303,6 +303,8 @@ def train_student(
             "identity_psnr": round(baseline["psnr"], 4),
             "identity_ssim": round(baseline["ssim"], 5),
             "steps": result.steps,
+            "planned_steps": cfg.steps,
+            "capped": result.steps < cfg.steps,  # train.max_seconds cut the run short: another machine, another model
             "resumed_from_step": result.resumed_from,
             "train_seconds": round(result.seconds, 2),
             "params": count_params(model),
