@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -84,8 +83,6 @@ def main(argv: list[str] | None = None) -> dict:
     from fxassets.core.paths import EffectPaths
     from fxassets.train.loop import train_student
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_int8_robustness import cpu_name
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -106,7 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     effects = args.effects or list(params.effects)
     evals = args.eval or sorted(p for p in SHARED_EVAL.iterdir() if p.is_dir())
     variants = [parse_variant(v) for v in args.variant] or [("default", {})]
-    cpu = cpu_name()
+    from fxassets.core.machine import cpu_label
+
+    cpu = cpu_label()
     print(f"CPU: {cpu}", flush=True)
     results: dict = {"cpu": cpu, "runs": []}
     print(f"{'variant':12s} {'effect':8s} {'set':10s} {'n':>4s} {'PSNR':>6s} {'input':>6s} {'recov':>6s} {'chroma':>6s} "

@@ -17,21 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,7 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.steps * n if len(args.steps) == 1 else args.steps
     if len(seeds) != len(steps):
         ap.error("--seeds and --steps need the same length (or one value)")
-    cpu = cpu_name()
+    from fxassets.core.machine import cpu_label
+
+    cpu = cpu_label()
     print(f"CPU: {cpu}", flush=True)
     out: dict = {"cpu": cpu, "effects": {}}
     for effect in effects:

@@ -73,3 +73,5 @@ def test_bench_reports_the_figures(built_project, tmp_path):
     for key in ("student_fp32_ms_1t", "student_int8_ms_1t", "student_fp32_ms_2t", "student_int8_ms_2t", "runtime_720p_ms_1t", "fp32_bytes", "int8_bytes"):
         assert doc[key] > 0, key
     assert doc["int8_bytes"] < doc["fp32_bytes"]
+    # the machine beside the figures: CPU model, the int8-relevant ISA extensions, the runtime version
+    assert doc["cpu"]["model"] and isinstance(doc["cpu"]["isa"], list) and doc["cpu"]["onnxruntime"]

@@ -124,6 +124,7 @@ def test_training_writes_outputs(trained):
     assert metrics["steps"] == 5 and metrics["train_pairs"] == 8 and metrics["heldout_pairs"] == 3
     assert metrics["resumed_from_step"] == 0
     assert metrics["planned_steps"] == 5 and metrics["capped"] is False
+    assert metrics["cpu"]["model"] and "isa" in metrics["cpu"]  # the machine train_seconds was measured on
     assert TrainConfig().max_seconds == 0  # the default budget is steps only: the machine's speed changes nothing
     lines = (out / "curve.csv").read_text().splitlines()
     assert lines[0] == CURVE_HEADER

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
     effects = [args.effect] if args.effect else list(params.effects)
     for e in effects:
         params.effect(e)
+    from fxassets.core.machine import cpu_info, cpu_label
+
+    print(f"CPU: {cpu_label()}", file=sys.stderr)
     results = [bench_effect(params, e, args.runs, args.frames) for e in effects]
-    doc: Any = results[0] if len(results) == 1 else {"effects": results}
+    doc: Any = {"cpu": cpu_info(), **results[0]} if len(results) == 1 else {"cpu": cpu_info(), "effects": results}
     if args.json:
         from fxassets.core.atomic import write_json
 

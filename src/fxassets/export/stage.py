@@ -35,6 +35,7 @@ from fxassets.core.manifest import read_pairs
 from fxassets.core.metrics import psnr
 from fxassets.export.fallback import _spread, quantize_with_fallback
 from fxassets.export.latency import latency_compare
+from fxassets.core.machine import cpu_info
 from fxassets.export.onnx_export import export_onnx
 from fxassets.export.ort_format import convert_to_ort
 from fxassets.export.session import onnx_session, run_model, to_input, to_uint8
@@ -167,6 +168,7 @@ def export_mobile(checkpoint: Path, pairs_dir: Path, cfg: ExportConfig, out_dir:
         "ort_ms_1t": lat["ort"],
         "int8_speedup_1t": lat["fp32"] / lat["int8"],
         "latency_runs": cfg.latency_runs,
+        "cpu": cpu_info(),  # the machine the times are of
         "fp32_bytes": exp["bytes"],
         "int8_bytes": q["bytes"],
         "ort_bytes": conv["bytes"],

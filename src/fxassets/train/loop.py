@@ -35,6 +35,7 @@ from tqdm import tqdm
 from fxassets.core.atomic import write_json, write_text
 from fxassets.train.augment import augment_pairs
 from fxassets.train.capture import simulate_capture
+from fxassets.core.machine import cpu_info
 from fxassets.core.config import AugmentConfig, TrainConfig
 from fxassets.faces.align import DEFAULT_MARGIN
 from fxassets.core.images import read_png_rgb
@@ -307,6 +308,7 @@ def train_student(
             "capped": result.steps < cfg.steps,  # train.max_seconds cut the run short: another machine, another model
             "resumed_from_step": result.resumed_from,
             "train_seconds": round(result.seconds, 2),
+            "cpu": cpu_info(),  # the machine train_seconds is of (the weights are not: steps only)
             "params": count_params(model),
             "macs_256": count_macs(model),
             "encoder": cfg.encoder,
