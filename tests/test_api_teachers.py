@@ -344,6 +344,13 @@ def test_gemini_sends_the_documented_request_and_caches_every_sample(tmp_path, a
     assert len(api.requests) == 4 and s2["cached"] == 4
     assert not cached_images(root / ".cache/fxassets/api")
     no_secret_written(root)
+    # the model id is in the teacher fingerprint, and so in the model card
+    from fxassets.export.model_card import render_model_card
+    from test_model_card import FILES, REPORT
+
+    fp = json.loads((EffectPaths(root, "fx").teacher_dir / "teacher.json").read_text())
+    card = render_model_card(effect="fx", report=REPORT, student=REPORT["student"], files=FILES, teacher=fp)
+    assert fp["model"] == "gemini-3.1-flash-image" and "| `model` | `gemini-3.1-flash-image` |" in card
 
 
 def test_gemini_pads_to_the_nearest_aspect_ratio_and_the_fingerprint(tmp_path, api):
