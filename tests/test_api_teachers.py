@@ -591,7 +591,8 @@ def test_a_killed_run_resumes_without_asking_again_for_finished_samples(tmp_path
     assert s["ok"] == 6
     again = Counter(r["sample"] for r in api.requests[first:])
     assert not finished & set(again), "a finished sample was requested again"
-    assert all(v == 1 for v in api.answered.values()) and len(api.answered) == 6, (api.answered, [(r["sample"], r["status"]) for r in api.requests])  # every sample paid once
+    statuses = [(r["sample"], r["status"]) for r in api.requests]
+    assert all(v == 1 for v in api.answered.values()) and len(api.answered) == 6, statuses  # every sample paid once
     src = sources(root)
     for rec in records(root):
         assert np.array_equal(read_png_rgb(EffectPaths(root, "fx").teacher_dir / rec["image"]), edited(src[rec["sample_id"]]))

@@ -129,7 +129,8 @@ class GeminiImageTeacher(_ApiTeacher):
     model: str = Field("gemini-3.1-flash-image", min_length=1, description="model id: in the fingerprint and the model card")
     prompt_template: str = Field("Edit this photo: {prompt}. Keep the person's identity, face shape, pose, expression and "
                                  "framing.", min_length=1, description="'{prompt}' and source attributes ({age}, ...)")
-    aspect_ratio: Literal[ASPECT_RATIOS] = Field("1:1", description="generated portraits; an edit asks for the ratio nearest its source")  # type: ignore[valid-type]
+    # generated portraits; an edit asks for the supported ratio nearest its source's
+    aspect_ratio: Literal[ASPECT_RATIOS] = "1:1"  # type: ignore[valid-type]
     image_size: Literal["1K", "2K", "4K"] | None = Field("1K", description="imageConfig.imageSize; null: not sent (the model's own)")
     safety_threshold: Literal["BLOCK_LOW_AND_ABOVE", "BLOCK_MEDIUM_AND_ABOVE", "BLOCK_ONLY_HIGH", "BLOCK_NONE", "OFF"] | None = Field(
         None, description="safetySettings threshold for every harm category; null: the API's defaults")
