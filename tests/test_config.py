@@ -84,3 +84,19 @@ def test_fingerprint_changes_with_settings():
     q = Params.model_validate(d)
     assert fingerprint(p.teacher) != fingerprint(q.teacher)
     assert fingerprint(p.teacher) == fingerprint(Params.model_validate(base()).teacher)
+
+
+def test_per_effect_train_overrides_merge_nested_sections(tmp_path):
+    d = base()
+    d["effects"]["sketch"]["train"] = {"colour_transform": True, "augment": {"flip": False}}
+    p = load_params(write(tmp_path, d))
+    sketch, cartoon = p.train_for("sketch"), p.train_for("cartoon")
+    assert sketch.colour_transform and not sketch.augment.flip
+    assert sketch.augment.rotate_deg == p.train.augment.rotate_deg  # the rest of train.augment kept
+    assert cartoon == p.train
+    d["effects"]["sketch"]["train"] = {"stpes": 10}
+    with pytest.raises(ConfigError, match=r"effects\.sketch\.train: .*unknown train setting\(s\) \['stpes'\]"):
+        load_params(write(tmp_path, d))
+    d["effects"]["sketch"]["train"] = {"augment": {"flop": True}}
+    with pytest.raises(ConfigError, match="flop"):
+        load_params(write(tmp_path, d)).train_for("sketch")

@@ -168,6 +168,19 @@ class EffectConfig(_Strict):
     teacher: EffectTeacher = EffectTeacher()
     quality: dict[str, float | bool] = Field(default_factory=dict, description="this effect's overrides of the quality: section")
     export: dict[str, float | int | str] = Field(default_factory=dict, description="this effect's overrides of the export: section")
+    train: dict[str, Any] = Field(default_factory=dict, description="this effect's overrides of the train: section")
+
+    @field_validator("train")
+    @classmethod
+    def _train_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown train setting(s) {unknown}; known: {', '.join(TrainConfig.model_fields)}")
+        try:
+            with_overrides(TrainConfig(), v)  # nested keys and values checked now, not at training time
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        return v
 
     @field_validator("export")
     @classmethod
@@ -283,6 +296,10 @@ class Params(_Strict):
         """The `export:` section with the effect's own overrides (`effects.E.export`) applied."""
         return with_overrides(self.export, self.effect(effect).export)
 
+    def train_for(self, effect: str) -> TrainConfig:
+        """The `train:` section with the effect's own overrides (`effects.E.train`) applied."""
+        return with_overrides(self.train, self.effect(effect).train)
+
     def quality_for(self, effect: str) -> QualityConfig:
         """The `quality:` section with the effect's own overrides (`effects.E.quality`) applied."""
         return with_overrides(self.quality, self.effect(effect).quality)
@@ -299,8 +316,11 @@ M = TypeVar("M", bound=BaseModel)
 
 def with_overrides(section: M, overrides: dict[str, Any]) -> M:
     """A params section with an effect's overrides applied on top (validated again as the section's model): what
-    `effects.E.export` and `effects.E.quality` do to `export:` and `quality:`."""
-    return type(section).model_validate({**section.model_dump(), **overrides})
+    `effects.E.export`, `.quality` and `.train` do to their sections; a nested section (`train.augment`) is merged
+    key by key."""
+    base = section.model_dump()
+    merged = {k: {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v for k, v in overrides.items()}
+    return type(section).model_validate({**base, **merged})
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
