@@ -81,6 +81,7 @@ def test_three_stages_with_bad_inputs_never_crash(tmp_path):
     ok, png = cv2.imencode(".png", blank)
     huge = png_header(20000, 20000)  # Pillow's DecompressionBombError: a rejected sample too
     root, params = project(tmp_path, n=4, extra={"zz_corrupt.jpg": corrupt, "zz_blank.png": png.tobytes(), "zz_huge.png": huge})
+    (root / "data" / "face_pairs" / ".fx.k2j_x9q1.tmp" / "source").mkdir(parents=True)  # a killed run's (kill -9)
     for stage in ("prompts", "teacher_images", "face_pairs"):
         run_stage(stage, params, "fx", root, progress=False)
     paths = EffectPaths(root, "fx")
@@ -104,7 +105,7 @@ def test_three_stages_with_bad_inputs_never_crash(tmp_path):
         assert len(row.align_matrix) == 6
     summary = json.loads((paths.pairs_dir / "summary.json").read_text())
     assert summary["kept"] == 4 and summary["rejected"] == 3
-    # nothing half-written left beside the outputs
+    # nothing half-written left beside the outputs, a killed earlier run's temp folder included
     assert not [p for p in (root / "data").rglob(".*tmp*")]
 
 
