@@ -14,6 +14,7 @@ import pytest
 from conftest import png_header
 from fxassets.cli import apply as apply_cli
 from fxassets.cli.main import main
+from fxassets.core.images import distinct_stems
 
 REPO = Path(__file__).resolve().parents[1]
 FACE = REPO / "data" / "samples" / "faces" / "faces_000.jpg"
@@ -86,8 +87,8 @@ def test_inputs_sharing_a_stem_get_distinct_outputs(work, capsys):
 
 
 def test_a_name_clash_left_is_refused_naming_the_inputs():
-    assert apply_cli.output_stems([Path("a.jpg"), Path("b.png")]) == {Path("a.jpg"): "a", Path("b.png"): "b"}
+    assert distinct_stems([Path("a.jpg"), Path("b.png")]) == {Path("a.jpg"): "a", Path("b.png"): "b"}
     for names in (["x.jpg", "x.JPG"], ["x.jpg", "x.png", "x_jpg.webp"]):
         with pytest.raises(ValueError, match="would write the same output name; rename one") as e:
-            apply_cli.output_stems([Path(n) for n in names])
+            distinct_stems([Path(n) for n in names])
         assert names[0] in str(e.value)

@@ -134,3 +134,20 @@ def test_two_faces_are_rejected_or_the_largest_taken(tmp_path):
     assert df.loc["two_face1", "split"] == df.loc["two", "split"]
     assert (EffectPaths(root, "fx").pairs_dir / df.loc["two_face1", "source"]).is_file()
     assert df.loc["two", "align_matrix"].tolist() != df.loc["two_face1", "align_matrix"].tolist()
+
+
+def test_sources_sharing_a_stem_are_two_samples_with_two_images(tmp_path):
+    import cv2
+
+    face = cv2.imread(str(sorted(SAMPLES.glob("*.jpg"))[0]))
+    root, params = project(tmp_path, n=0, extra={"x.jpg": cv2.imencode(".jpg", face)[1].tobytes(),
+                                                 "x.png": cv2.imencode(".png", face[:, ::-1])[1].tobytes()})
+    for stage in ("prompts", "teacher_images"):
+        run_stage(stage, params, "fx", root, progress=False)
+    recs = read_jsonl(EffectPaths(root, "fx").teacher_records)
+    assert [(r["sample_id"], r["source"], r["image"]) for r in recs] == [
+        ("x_jpg", "faces/x.jpg", "images/x_jpg.png"), ("x_png", "faces/x.png", "images/x_png.png")]
+    assert recs[0]["person_id"] != recs[1]["person_id"]
+    (root / "faces" / "x_jpg.bmp").write_bytes(b"")  # a name left clashing: refused, naming the files
+    with pytest.raises(ValueError, match="x.jpg, x_jpg.bmp: these files would write the same output name"):
+        run_stage("prompts", params, "fx", root, progress=False)

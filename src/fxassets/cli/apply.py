@@ -6,14 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from fxassets.core.images import IMAGE_SUFFIXES, ImageError, list_images, read_rgb, write_png
+from fxassets.core.images import IMAGE_SUFFIXES, ImageError, distinct_stems, list_images, read_rgb, write_png
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 VIDEO_OUT_SUFFIXES = tuple(s for s in VIDEO_SUFFIXES if s != ".webm")  # what the mp4v writer can fill (WebM cannot)
@@ -60,19 +59,6 @@ def summarize(timings: list[dict[str, float]], faces: list[int]) -> dict[str, An
 def _write_crops(folder: Path, stem: str, crops: list[np.ndarray]) -> None:
     for i, c in enumerate(crops):
         write_png(folder / f"{stem}_face{i}.png", c)
-
-
-def output_stems(files: list[Path]) -> dict[Path, str]:
-    """The name each input's output takes (`<stem>.png`, crops `<stem>_face<i>.png`): the input's stem, or
-    `<stem>_<ext>` where two inputs share a stem (x.jpg and x.png: x_jpg.png and x_png.png). Names are compared as a
-    case-insensitive file system would; a clash left is refused, naming the inputs."""
-    shared = Counter(f.stem.lower() for f in files)
-    stems = {f: f.stem if shared[f.stem.lower()] == 1 else f"{f.stem}_{f.suffix[1:].lower()}" for f in files}
-    taken = Counter(s.lower() for s in stems.values())
-    clash = [f.name for f, s in stems.items() if taken[s.lower()] > 1]
-    if clash:
-        raise ValueError(f"{', '.join(clash)}: these inputs would write the same output name; rename one")
-    return stems
 
 
 def _images(runner, stems: dict[Path, str], output: Path, aligned: bool, single: bool) -> tuple[list, list]:
@@ -182,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     if src.is_file() and not is_video and src.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"{src}: not an image ({', '.join(IMAGE_SUFFIXES)}) or a video ({', '.join(VIDEO_SUFFIXES)})")
     check_output(src, args.output, is_video, args.aligned, args.json)
-    stems = output_stems(list_images(src) if src.is_dir() else [src])  # a name clash is refused before any work too
+    stems = distinct_stems(list_images(src) if src.is_dir() else [src])  # a name clash is refused before any work too
     if args.aligned or src.is_dir():
         args.output.mkdir(parents=True, exist_ok=True)
     with make_runner(params, args.effect, args.engine, args.threads) as runner:

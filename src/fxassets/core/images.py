@@ -4,6 +4,7 @@ an image over `MAX_PIXELS` is refused before it is decoded."""
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -27,6 +28,19 @@ def list_images(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: source folder not found")
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def distinct_stems(files: list[Path]) -> dict[Path, str]:
+    """A distinct name per image file, for what is written from it (a sample id, an `apply` output): its stem, or
+    `<stem>_<ext>` where two files share a stem (x.jpg and x.png: x_jpg and x_png), so that no output overwrites
+    another. Compared as a case-insensitive file system would; a clash left is a ValueError naming the files."""
+    shared = Counter(f.stem.lower() for f in files)
+    stems = {f: f.stem if shared[f.stem.lower()] == 1 else f"{f.stem}_{f.suffix[1:].lower()}" for f in files}
+    taken = Counter(s.lower() for s in stems.values())
+    clash = [f.name for f, s in stems.items() if taken[s.lower()] > 1]
+    if clash:
+        raise ValueError(f"{', '.join(clash)}: these files would write the same output name; rename one")
+    return stems
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
