@@ -207,11 +207,12 @@ def test_detect_command_on_a_folder_with_bad_files(tmp_path):
     (src / "corrupt.jpg").write_bytes((src / "good.jpg").read_bytes()[:3000])
     (src / "noise.png").write_bytes(np.random.default_rng(0).bytes(2000))
     Image.new("RGB", (200, 150), (90, 90, 90)).save(src / "blank.png")
+    Image.new("RGB", (200, 150), (90, 90, 90)).save(src / "blank.jpg")  # the same stem: its own preview
     out, preview = tmp_path / "faces.json", tmp_path / "preview"
     args = _parser().parse_args(["detect", "--input", str(src), "--json", str(out), "--preview", str(preview)])
     assert args.func(args) == 0
     entries = {e["file"]: e for e in json.loads(out.read_text())}
-    assert sorted(entries) == ["blank.png", "corrupt.jpg", "good.jpg", "noise.png"]
+    assert sorted(entries) == ["blank.jpg", "blank.png", "corrupt.jpg", "good.jpg", "noise.png"]
     good = entries["good.jpg"]
     assert len(good["faces"]) == 1 and "reason" not in good and (good["width"], good["height"]) == (512, 512)
     face = good["faces"][0]
@@ -220,7 +221,7 @@ def test_detect_command_on_a_folder_with_bad_files(tmp_path):
     for name in ("corrupt.jpg", "noise.png"):
         assert entries[name]["faces"] == [] and "unreadable" in entries[name]["reason"]
     assert entries["blank.png"]["faces"] == [] and entries["blank.png"]["reason"] == "no face found"
-    assert sorted(p.name for p in preview.iterdir()) == ["blank.png", "good.png"]
+    assert sorted(p.name for p in preview.iterdir()) == ["blank_jpg.png", "blank_png.png", "good.png"]
 
 
 def test_detect_command_prints_json_for_one_file(tmp_path, capsys):
