@@ -81,3 +81,16 @@ def test_a_full_disk_names_the_path_and_leaves_the_old_output(tmp_path, monkeypa
     monkeypatch.undo()
     assert target.read_text() == "old" and (tmp_path / "out" / "a.png").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "report.json"]  # nothing half-written beside them
+
+
+def test_a_read_only_folder_names_the_output_not_the_temp_folder(tmp_path, monkeypatch):
+    def read_only(self, *a, **k):
+        if not self.is_dir():  # an existing folder is fine (exist_ok)
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(OSError, match="Read-only file system") as e:
+        with atomic.atomic_dir(tmp_path / "data" / "fx"):
+            pass
+    assert e.value.filename == str(tmp_path / "data" / "fx")

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except OSError as exc:  # no permission, a full disk, a folder where a file should be: the path and why
-        print(f"fxassets: error: {f'{exc.filename}: {exc.strerror}' if exc.filename and exc.strerror else exc}", file=sys.stderr)
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+        print(f"fxassets: error: {f'{where}: {exc.strerror}' if where and exc.strerror else exc}", file=sys.stderr)
         return 2
     except (ConfigError, ValueError, TeacherError) as exc:  # TeacherError: an API that gave up, naming the sample
         print(f"fxassets: error: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ leaves nothing behind and names the path it was writing."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -45,12 +46,13 @@ def clear_stale(folder: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """An OSError without a file name (ENOSPC from a write, ...) names the path being written."""
+def _naming(path: Path, tmp: Path) -> Iterator[None]:
+    """An OSError without a file name (from a write), naming the temp path, or of a full disk (which a copy blames on
+    its source) names `path` instead."""
     try:
         yield
     except OSError as exc:
-        if exc.filename is None and exc.errno is not None:
+        if exc.errno is not None and (exc.filename in (None, str(tmp)) or exc.errno in (errno.ENOSPC, errno.EDQUOT)):
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
@@ -62,7 +64,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     # the temp name keeps the suffix: writers such as cv2.VideoWriter pick the format by it
     tmp_path = _temp_name(path, f"tmp{path.suffix}")
     try:
-        with _naming(path):
+        with _naming(path, tmp_path):
             path.parent.mkdir(parents=True, exist_ok=True)
             os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
             yield tmp_path
@@ -107,7 +109,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     tmp = _temp_name(path, "tmp")
     try:
-        with _naming(path):
+        with _naming(path, tmp):
             path.parent.mkdir(parents=True, exist_ok=True)
             clear_stale(path.parent)
             tmp.mkdir(0o777)  # the umask applies
