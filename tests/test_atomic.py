@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from fxassets.core import atomic
+
+REPO = Path(__file__).resolve().parents[1]
 
 KILLED_WRITER = r"""
 import os, signal, sys
@@ -83,14 +86,18 @@ def test_a_full_disk_names_the_path_and_leaves_the_old_output(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "report.json"]  # nothing half-written beside them
 
 
-def test_a_read_only_folder_names_the_output_not_the_temp_folder(tmp_path, monkeypatch):
+def test_a_read_only_data_folder_is_one_line_naming_the_output(tmp_path, monkeypatch, capsys):
+    from fxassets.cli.main import main
+
     def read_only(self, *a, **k):
         if not self.is_dir():  # an existing folder is fine (exist_ok)
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
 
-    (tmp_path / "data").mkdir()
+    (tmp_path / "faces").mkdir()
+    shutil.copy(REPO / "data" / "samples" / "faces" / "faces_000.jpg", tmp_path / "faces")
+    (tmp_path / "params.yaml").write_text('{faces: {source: faces}, effects: {fx: {prompt: a cartoon}}}')
+    (tmp_path / "data" / "prompts").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(Path, "mkdir", read_only)
-    with pytest.raises(OSError, match="Read-only file system") as e:
-        with atomic.atomic_dir(tmp_path / "data" / "fx"):
-            pass
-    assert e.value.filename == str(tmp_path / "data" / "fx")
+    assert main(["stage", "prompts", "--effect", "fx"]) == 2
+    assert capsys.readouterr().err == "fxassets: error: data/prompts/fx: Read-only file system\n"  # not the temp name
