@@ -29,6 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 
 from fxassets.core.atomic import read_jsonl
 from fxassets.core.config import ConfigError, Params, load_params
@@ -453,6 +454,24 @@ def test_retries_run_out_and_fatal_answers_stop_the_run(tmp_path, api):
     with pytest.raises(CredentialsError, match=r"\$GEMINI_API_KEY") as e2:
         run_stage("teacher_images", params3, "fx", root3, progress=False)
     assert "sk-wrong" not in str(e.value) and "AIza-wrong" not in str(e2.value)
+
+
+def test_an_api_that_gives_up_is_one_line_naming_the_teacher_and_the_sample(tmp_path, api, monkeypatch, capsys):
+    from fxassets.cli.main import main
+
+    teacher = imagen(api.url, max_retries=1, concurrency=1)
+    run_stage("teacher_images", project(tmp_path, teacher, n=2)[1], "fx", tmp_path, progress=False)
+    root, params = project(tmp_path, teacher, n=3)  # a third face: the one the API gives up on
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    api.faults = [(503, {}, {"error": {"code": 503, "message": "unavailable", "status": "UNAVAILABLE"}})] * 2
+    monkeypatch.chdir(root)
+    assert main(["stage", "teacher_images", "--effect", "fx", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fxassets: error: sample faces_002: imagen: gave up after 2 attempts (HTTP 503") and "\n" not in err
+    assert "the samples finished before it are cached" in err
+    n = len(api.requests)
+    api.faults = []
+    assert run_stage("teacher_images", params, "fx", root, progress=False)["cached"] == 2 and len(api.requests) == n + 1
 
 
 def test_missing_credentials_fail_before_any_request(tmp_path, api, monkeypatch):

@@ -1,8 +1,7 @@
 """`params.yaml`: the one config of the pipeline, validated with pydantic on load.
 
-Every stage reads a slice of it (see `dvc.yaml`, which names exactly those slices).  A typo or a wrong type fails
-with a `ConfigError` naming the file, the key path and the reason.
-"""
+Every stage reads a slice of it (see `dvc.yaml`, which names exactly those slices). A typo, a wrong type or a key
+given twice fails with a `ConfigError` naming the file, the key path (or both lines) and the reason."""
 
 from __future__ import annotations
 
@@ -12,10 +11,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fxassets.core.api_config import GeminiImageTeacher, OpenAIImagesTeacher, check_template, retired_teacher
+from fxassets.core.yamlfile import YAMLError, load_yaml
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -356,8 +355,8 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        raw = load_yaml(path)
+    except YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")

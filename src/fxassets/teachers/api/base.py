@@ -18,7 +18,7 @@ import numpy as np
 
 from fxassets.core.api_config import LEGACY, family, retired
 from fxassets.core.config import EffectTeacher
-from fxassets.teachers.base import BatchTeacher, SampleRejected
+from fxassets.teachers.base import BatchTeacher, SampleRejected, TeacherError
 from fxassets.core.paths import cache_root
 from fxassets.core.images import resize
 from fxassets.teachers.api.client import ApiClient, ApiError, ApiRequest, BudgetExceeded, CredentialsError, Ledger, _OverBudget
@@ -214,24 +214,27 @@ class ApiTeacher(BatchTeacher):
         self.client.stats.add(images=1)
         return job.finish(img)
 
-    def _run(self, jobs: list[_Job]) -> list[np.ndarray | SampleRejected]:
-        """All jobs through the pool; every answer that arrives is cached before a stop or an error is raised."""
+    def _run(self, jobs: list[_Job], records: list[dict[str, Any]]) -> list[np.ndarray | SampleRejected]:
+        """All jobs through the pool; every answer that arrives is cached before a stop or an error is raised (an
+        ApiError names the sample whose request failed)."""
         stop = threading.Event()
         errors: list[BaseException] = []
         over = [False]
 
-        def work(job: _Job):
+        def work(job: _Job, rec: dict[str, Any]):
             try:
                 return self._one(job, stop)
             except _OverBudget:
                 over[0] = True
                 stop.set()
             except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other requests are back
+                if isinstance(exc, TeacherError):
+                    exc.sample = rec.get("sample_id")
                 errors.append(exc)
                 stop.set()
             return None
 
-        outs = list(self.client.pool.map(work, jobs))
+        outs = list(self.client.pool.map(work, jobs, records))
         if errors:
             raise errors[0]
         if over[0]:
@@ -243,10 +246,10 @@ class ApiTeacher(BatchTeacher):
         return outs  # type: ignore[return-value]
 
     def edit_batch(self, images: list[np.ndarray], records: list[dict[str, Any]]) -> list[np.ndarray | SampleRejected]:
-        return self._run([self.edit_request(img, rec) for img, rec in zip(images, records, strict=True)])
+        return self._run([self.edit_request(img, rec) for img, rec in zip(images, records, strict=True)], records)
 
     def generate_batch(self, records: list[dict[str, Any]]) -> list[np.ndarray | SampleRejected]:
-        return self._run([self.generate_request(rec) for rec in records])
+        return self._run([self.generate_request(rec) for rec in records], records)
 
     def close(self) -> None:
         if self._client is not None:

@@ -40,7 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 
-from fxassets.teachers.base import SampleRejected
+from fxassets.teachers.base import SampleRejected, TeacherError
 
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ MAX_RETRY_AFTER = 600.0  # seconds: a longer Retry-After is cut to this
 GOOGLE_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
 
-class ApiError(RuntimeError):
+class ApiError(TeacherError):
     """The API failed in a way retrying does not fix (bad request, auth, retries used up): the run stops."""
 
 
