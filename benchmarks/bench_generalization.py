@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--checkpoint-from-pipeline", action="store_true",
                     help="no training: measure the built data/mobile/E/student.int8.onnx")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--keep", type=Path, help="copy each run's checkpoint and int8 model to KEEP/<variant>-<effect>/")
     args = ap.parse_args(argv)
 
     params = load_params(args.params)
@@ -138,6 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
                     except ParityError:
                         report = json.loads((mobile / "report.json").read_text())
                     model = mobile / "student.int8.onnx"
+                if args.keep and not args.checkpoint_from_pipeline:
+                    import shutil
+
+                    shutil.copytree(tmp, args.keep / f"{name}-{effect}", dirs_exist_ok=True)
                 run = {"variant": name, "effect": effect, "overrides": over, "steps": train_metrics.get("steps"),
                        "parity_psnr_db": report["parity_psnr_db"], "int8_ms_1t": report["int8_ms_1t"],
                        "fp32_ms_1t": report["fp32_ms_1t"], "sets": {}}
