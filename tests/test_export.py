@@ -460,10 +460,12 @@ def test_export_mobile_writes_everything(tmp_path, patched_student):
     assert on_disk["parity_psnr_db"] >= 30.0 and on_disk["parity_ok"]
     assert on_disk["fp32_bytes"] == p["onnx_fp32"].stat().st_size
     assert on_disk["int8_bytes"] == p["onnx_int8"].stat().st_size
-    assert on_disk["fp32_ms_1t"] > 0 and on_disk["int8_ms_1t"] > 0
+    assert report["fp32_ms_1t"] > 0 and report["int8_ms_1t"] > 0 and report["cpu"]["model"]  # the run's figures:
+    assert not {"fp32_ms_1t", "int8_ms_1t", "ort_ms_1t", "cpu"} & set(on_disk)  # returned, not in the output
+    assert "quantize_s" not in on_disk["quant"] and "convert_s" not in on_disk["ort"]
     assert 0 < on_disk["identity_psnr_db"] < 100
     assert report["parity_psnr_db"] == pytest.approx(on_disk["parity_psnr_db"])
-    assert on_disk["ort_bytes"] == ort_file.stat().st_size and on_disk["ort_ms_1t"] > 0
+    assert on_disk["ort_bytes"] == ort_file.stat().st_size and report["ort_ms_1t"] > 0
     assert on_disk["ort_vs_int8_max_abs_diff"] < 1e-5 and on_disk["ort_parity_psnr_db"] >= 30.0
     assert len(on_disk["float_fallback"]["rounds"]) == 1 and on_disk["nodes_in_float"] == []
     grid = read_png_rgb(p["grid_png"])

@@ -84,7 +84,7 @@ def test_three_stages_with_bad_inputs_never_crash(tmp_path):
     paths = EffectPaths(root, "fx")
     recs = {r["sample_id"]: r for r in read_jsonl(paths.teacher_records)}
     assert recs["zz_corrupt"]["status"] == "error" and "zz_corrupt.jpg" in recs["zz_corrupt"]["reason"]
-    assert recs["faces_000"]["status"] == "ok" and recs["faces_000"]["seconds"] > 0
+    assert recs["faces_000"]["status"] == "ok"
 
     df = pd.read_parquet(paths.manifest).set_index("sample_id")
     assert df.loc["zz_corrupt", "status"] == "reject" and "unreadable" in df.loc["zz_corrupt", "reason"]

@@ -71,5 +71,10 @@ assert tuple(STAGE_FUNCS) == STAGES
 def run_stage(name: str, params: Params, effect: str, root: Path = Path("."), progress: bool = True) -> dict[str, Any]:
     if name not in STAGE_FUNCS:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    from fxassets.core.runlog import write_run_log
+
     params.effect(effect)  # fails early, naming the known effects
-    return STAGE_FUNCS[name](params, effect, EffectPaths(Path(root), effect), progress)
+    paths = EffectPaths(Path(root), effect)
+    summary = STAGE_FUNCS[name](params, effect, paths, progress)
+    write_run_log(Path(root), name, effect, summary)  # the timings: outside the outputs (fxassets.core.runlog)
+    return summary
