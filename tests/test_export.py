@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -401,6 +403,20 @@ def test_convert_to_ort_matches_int8(fp32_model, tmp_path):
         assert np.max(np.abs(so.run(None, {"image": x})[0] - s8.run(None, {"image": x})[0])) < 1e-5
     with pytest.raises(FileNotFoundError):
         ex_ort.convert_to_ort(tmp_path / "nope.onnx", tmp_path / "nope.ort")
+
+
+def test_convert_to_ort_writes_the_same_bytes_in_every_process(fp32_model, tmp_path):
+    """onnxruntime writes the .ort's kernel type string resolver in its process's hash order (absl seeds it per
+    process); convert_to_ort writes it in one order (canonical_ort)."""
+    path, _ = fp32_model
+    int8 = tmp_path / "m.int8.onnx"
+    quantize_int8(path, int8, _inputs(2, 2))
+    code = "import sys; from fxassets.export.ort_format import convert_to_ort; convert_to_ort(sys.argv[1], sys.argv[2])"
+    files = [tmp_path / f"{i}.ort" for i in range(3)]
+    for f in files:
+        subprocess.run([sys.executable, "-c", code, str(int8), str(f)], check=True, capture_output=True)
+    assert len({f.read_bytes() for f in files}) == 1
+    assert ex_ort.canonical_ort(files[0].read_bytes()) == files[0].read_bytes()
 
 
 def test_bad_calibration_hurts_parity(fp32_model, tmp_path):

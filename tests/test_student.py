@@ -141,6 +141,15 @@ def test_training_writes_outputs(trained):
         assert json.loads(f.metadata()["metrics"]) == on_disk  # no clock in the checkpoint either
 
 
+def test_checkpoint_bytes_are_the_weights_and_metadata_alone(trained, tmp_path):
+    """safetensors writes its metadata map in hash order, new for every map: saved again, the same bytes."""
+    out, _ = trained
+    model, meta = load_student(out / "student.safetensors")
+    for name in ("a", "b", "c"):
+        save_student(model, tmp_path / name, meta)
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes() == (tmp_path / "c").read_bytes()
+
+
 def test_checkpoint_loads_and_runs(trained):
     out, _ = trained
     model, meta = load_student(out / "student.safetensors")
