@@ -1,15 +1,16 @@
-"""The API teachers against the fake Vertex AI / OpenAI server of tests/test_api_teachers.py (127.0.0.1, no network).
+"""The API teachers against the fake Vertex AI / Gemini API / OpenAI server of tests/test_api_teachers.py (127.0.0.1,
+no network).
 
     python benchmarks/bench_api_teachers.py [--n 24] [--reps 40] [--out benchmarks/results/bench_api_teachers.json]
 
 Measures:
-- kill and resume: an `imagen` teacher stage on --n faces is killed (SIGKILL) once half the images have arrived, then
+- kill and resume: a `gemini-image` teacher stage (Vertex AI) on --n faces is killed (SIGKILL) once half the images have arrived, then
   run again; the server counts requests and answers per sample. Figure: answered requests per finished sample (must
   be 1: nobody pays twice) and all requests sent per finished sample (the ones in flight at the kill are lost);
 - client overhead per request: one edit through the teacher (PNG encode, base64, JSON, the retry loop, the ledger,
   the write-ahead response cache, decode, resize) against the same request sent with a bare `requests.post` of a
-  prebuilt body, both at concurrency 1 to the same instant fake server, at 256 and 512 px; and throughput at
-  concurrency 1 vs 4 when each answer takes 50 ms.
+  prebuilt body, both at concurrency 1 to the same instant fake server, at 256 and 512 px (gemini-image, Vertex AI)
+  and 512 px (openai-images, multipart); and throughput at concurrency 1 vs 4 when each answer takes 50 ms.
 The fake server's own work (decoding the upload, encoding its answer) is in both sides of the overhead figure."""
 
 from __future__ import annotations
@@ -31,13 +32,20 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_api_teachers import KEY, KILLED_RUN, TOKEN, FakeApis, project  # noqa: E402
+from test_api_teachers import GKEY, KEY, KILLED_RUN, TOKEN, FakeApis, cached_images, project  # noqa: E402
 
 
 def _env() -> None:
     os.environ.pop("FXASSETS_CACHE", None)
     os.environ["GOOGLE_OAUTH_ACCESS_TOKEN"] = TOKEN
+    os.environ["GEMINI_API_KEY"] = GKEY
     os.environ["OPENAI_API_KEY"] = KEY
+
+
+def _teacher(kind: str, url: str, **kw) -> dict:
+    if kind == "openai-images":
+        return {"kind": kind, "endpoint": url + "/v1", "price_per_image": 0.04, **kw}
+    return {"kind": kind, "project": "p", "endpoint": url, **kw}
 
 
 def bench_kill_resume(n: int) -> dict:
@@ -46,14 +54,14 @@ def bench_kill_resume(n: int) -> dict:
     api = FakeApis()
     try:
         with tempfile.TemporaryDirectory() as d:
-            teacher = {"kind": "imagen", "project": "p", "endpoint": api.url, "concurrency": 2, "backoff": 0.01}
+            teacher = _teacher("gemini-image", api.url, concurrency=2, backoff=0.01)
             root, params = project(Path(d), teacher, n=n)
             half = n // 2
             api.hold_after = half
             proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(root), params.model_dump_json()], stderr=subprocess.DEVNULL)
             responses = root / ".cache/fxassets/api"
             deadline = time.time() + 120
-            while len(list(responses.glob("*.img"))) < half and time.time() < deadline and proc.poll() is None:
+            while len(cached_images(responses)) < half and time.time() < deadline and proc.poll() is None:
                 time.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -78,7 +86,7 @@ def bench_kill_resume(n: int) -> dict:
         api.close()
 
 
-def bench_overhead(side: int, reps: int) -> dict:
+def bench_overhead(kind: str, side: int, reps: int) -> dict:
     import requests
 
     from fxassets.teachers import make_teacher
@@ -86,28 +94,29 @@ def bench_overhead(side: int, reps: int) -> dict:
     api = FakeApis()
     try:
         with tempfile.TemporaryDirectory() as d:
-            root, params = project(Path(d), {"kind": "imagen", "project": "p", "endpoint": api.url, "concurrency": 1}, n=1, px=side)
+            size = {"size": f"{side}x{side}"} if kind == "openai-images" else {}
+            root, params = project(Path(d), _teacher(kind, api.url, concurrency=1, **size), n=1, px=side)
             src = cv2.cvtColor(cv2.imread(str(next((root / "faces").glob("*.png")))), cv2.COLOR_BGR2RGB)
             teacher = make_teacher(params.teacher, root=root)
             rec = {"prompt": "a cartoon", "seed": 0}
             teacher.edit_batch([src], [{**rec, "seed": -1}])  # warm: pool, session, imports
             t0 = time.perf_counter()
-            for i in range(reps):
-                out = teacher.edit_batch([src], [{**rec, "seed": i}])[0]
+            for i in range(reps):  # each a new request (OpenAI's takes no seed: the prompt differs too)
+                out = teacher.edit_batch([src], [{"prompt": f"a cartoon {i}", "seed": i}])[0]
             ours = (time.perf_counter() - t0) / reps
             assert isinstance(out, np.ndarray) and len(api.requests) == reps + 1
-            job = teacher.edit_request(src, rec)
-            url = teacher.base_url() + job.req.path
+            req = teacher.edit_request(src, rec).req
+            url = teacher.base_url() + req.path
             sess = requests.Session()
-            hdr = {"Authorization": f"Bearer {TOKEN}"}
-            sess.post(url, json=job.req.json_body, headers=hdr).json()
+            kw = {"headers": teacher.auth_headers(False), "json": req.json_body, "data": req.fields, "files": req.files}
+            sess.post(url, **kw).json()
             t0 = time.perf_counter()
             for _ in range(reps):
-                r = sess.post(url, json=job.req.json_body, headers=hdr)
+                r = sess.post(url, **kw)
                 r.json()
             bare = (time.perf_counter() - t0) / reps
             teacher.close()
-            return {"side_px": side, "reps": reps, "teacher_ms_per_request": round(1000 * ours, 2),
+            return {"teacher": kind, "side_px": side, "reps": reps, "teacher_ms_per_request": round(1000 * ours, 2),
                     "bare_requests_ms_per_request": round(1000 * bare, 2), "client_overhead_ms_per_request": round(1000 * (ours - bare), 2)}
     finally:
         api.close()
@@ -121,7 +130,7 @@ def bench_concurrency(n: int) -> dict:
     api.delay = 0.05
     try:
         with tempfile.TemporaryDirectory() as d:
-            root, params = project(Path(d), {"kind": "imagen", "project": "p", "endpoint": api.url}, n=1)
+            root, params = project(Path(d), _teacher("gemini-image", api.url), n=1)
             src = cv2.cvtColor(cv2.imread(str(next((root / "faces").glob("*.png")))), cv2.COLOR_BGR2RGB)
             for c in (1, 4):
                 teacher = make_teacher(params.teacher.model_copy(update={"concurrency": c}), root=root)
@@ -136,6 +145,13 @@ def bench_concurrency(n: int) -> dict:
     return {"answer_delay_s": 0.05, "images": n, **out}
 
 
+def _cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=24, help="faces in the kill-and-resume run")
@@ -146,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "cpus": os.cpu_count(),
         "kill_resume": bench_kill_resume(args.n),
-        "overhead": [bench_overhead(s, args.reps) for s in (256, 512)],
+        "cpu": _cpu_name(),
+        "overhead": [bench_overhead(k, s, args.reps) for k, s in (("gemini-image", 256), ("gemini-image", 512), ("openai-images", 512))],
         "concurrency": bench_concurrency(args.n),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

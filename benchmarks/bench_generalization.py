@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
                     model, report = paths.onnx_int8, json.loads(paths.mobile_report.read_text())
                     train_metrics = json.loads(paths.train_metrics.read_text())
                 else:
-                    cfg = TrainConfig.model_validate(_merge(params.train.model_dump(), over))
+                    cfg = TrainConfig.model_validate(_merge(params.train_for(effect).model_dump(), over))
                     cfg = cfg.model_copy(update={"max_seconds": 0, **({"steps": args.steps} if args.steps else {})})
                     ckpt = tmp / "student.safetensors"
                     train_dir = Path(args.train_pairs.format(effect=effect)) if args.train_pairs else paths.pairs_dir

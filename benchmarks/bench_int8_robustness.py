@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg_export = params.export_for(effect).model_copy(update={"latency_runs": args.latency_runs})
         runs = []
         for seed, n_steps in zip(seeds, steps):
-            cfg = params.train.model_copy(update={"seed": seed, "steps": n_steps, "max_seconds": 0})
+            cfg = params.train_for(effect).model_copy(update={"seed": seed, "steps": n_steps, "max_seconds": 0})
             with tempfile.TemporaryDirectory(prefix=f"robust-{effect}-") as tmp:
                 tmp = Path(tmp)
                 t0 = time.perf_counter()

@@ -7,6 +7,7 @@ cache apply: after one materializes, `dvc status` is clean and `dvc push` shares
 * metadata read from the stage's output files (`summaries.py`), and its checks' results (`checks.py`).
 """
 
+import math
 import warnings
 from typing import Any
 
@@ -48,9 +49,20 @@ DESCRIPTIONS = {
 }
 
 
+def shown(v: Any, digits: int = 4) -> Any:
+    """A float as the metadata shows it: `digits` significant digits (8.368 ms, 49.28 dB: no measurement here holds
+    15), inside JSON values too. The checks read the unrounded values."""
+    if isinstance(v, float):
+        return float(f"{v:.{digits}g}") if math.isfinite(v) else v
+    if isinstance(v, dict):
+        return {k: shown(x, digits) for k, x in v.items()}
+    return [shown(x, digits) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def to_metadata(values: dict[str, Any]) -> dict[str, Any]:
+    """Dagster metadata values; floats rounded (`shown`), the unit in the key (`_ms`, `_db`, `_seconds`, `_bytes`)."""
     out: dict[str, Any] = {}
-    for k, v in values.items():
+    for k, v in shown(values).items():
         if isinstance(v, summaries.Markdown):
             out[k] = MetadataValue.md(v.text)
         elif isinstance(v, summaries.Table):
@@ -126,7 +138,7 @@ def build_stage_asset(project: Project, spec: StageSpec, partitions_def: Partiti
         context.log.info(f"{spec.dvc_name(effect)}: {result.outcome} in {result.seconds:.1f}s; data version {version}")
         metadata = stage_metadata(spec, values, effect, entry)
         metadata["dvc_outcome"] = MetadataValue.text(result.outcome)
-        metadata["dvc_seconds"] = MetadataValue.float(round(result.seconds, 3))
+        metadata["dvc_seconds"] = MetadataValue.float(shown(result.seconds))
         checks = evaluate_checks(check_fns, dvc.path, effect, values, gates)
         return MaterializeResult(data_version=DataVersion(version), metadata=metadata, check_results=checks)
 

@@ -55,7 +55,7 @@ SOURCE_DESCRIPTIONS = {
     TEACHER_CONFIG: "per effect: params `teacher` + `effects.<effect>.teacher` (a teacher swap changes every effect)",
     QUALITY_CONFIG: "per effect: params `quality` + `effects.<effect>.quality` (the pair quality gate's bounds)",
     EXPORT_CONFIG: "per effect: params `export` + `effects.<effect>.export` (quantization and the int8 parity bound)",
-    EFFECT_CONFIG: "per effect: the effect's own params (prompt, negative prompt, samples, seed)",
+    EFFECT_CONFIG: "per effect: the effect's own params (prompt, negative prompt, samples, seed, train overrides)",
 }
 _IGNORED_CODE_FILES = re.compile(r"(^|/)(__pycache__|\.ipynb_checkpoints)(/|$)|\.py[co]$")
 _INTERP = re.compile(r"\$\{([^}]+)\}")

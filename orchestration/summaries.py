@@ -65,7 +65,9 @@ def _md_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 
 def _numbers(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    return {f"{prefix}{k}": v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The numbers of a stage's report; a PSNR named without its unit (metrics.json's `heldout_psnr`) gets `_db`."""
+    return {f"{prefix}{k}{'_db' if k.endswith('psnr') else ''}": v for k, v in d.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _run(p: EffectPaths, stage: str, *keys: str) -> dict[str, Any]:

@@ -84,3 +84,35 @@ def test_fingerprint_changes_with_settings():
     q = Params.model_validate(d)
     assert fingerprint(p.teacher) != fingerprint(q.teacher)
     assert fingerprint(p.teacher) == fingerprint(Params.model_validate(base()).teacher)
+
+
+def test_per_effect_train_overrides_merge_nested_sections(tmp_path):
+    d = base()
+    d["effects"]["sketch"]["train"] = {"colour_transform": True, "augment": {"flip": False}}
+    p = load_params(write(tmp_path, d))
+    sketch, cartoon = p.train_for("sketch"), p.train_for("cartoon")
+    assert sketch.colour_transform and not sketch.augment.flip
+    assert sketch.augment.rotate_deg == p.train.augment.rotate_deg  # the rest of train.augment kept
+    assert cartoon == p.train
+    d["effects"]["sketch"]["train"] = {"stpes": 10}
+    with pytest.raises(ConfigError, match=r"effects\.sketch\.train: .*unknown train setting\(s\) \['stpes'\]"):
+        load_params(write(tmp_path, d))
+    d["effects"]["sketch"]["train"] = {"augment": {"flop": True}}
+    with pytest.raises(ConfigError, match="flop"):
+        load_params(write(tmp_path, d)).train_for("sketch")
+
+
+def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(tmp_path):
+    text = (REPO / "params.yaml").read_text()
+    first = next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith("train:"))
+    n = len(text.splitlines())
+    path = tmp_path / "params.yaml"
+    path.write_text(text + "train:\n  steps: 10\n")  # a second train: block, which would reset the first one's settings
+    with pytest.raises(ConfigError, match=rf"params.yaml: not valid YAML: key 'train' is given twice, on lines {first} and {n + 1}"):
+        load_params(path)
+    path.write_text("effects:\n  fx: {prompt: a, seed: 1, seed: 2}\n")  # twice on one line, in a nested mapping
+    with pytest.raises(ConfigError, match="key 'seed' is given twice, on lines 2 and 2"):
+        load_params(path)
+    path.write_text("base: &b {prompt: a, seed: 1}\neffects:\n  fx: {<<: *b, seed: 2}\n")  # a merge key overrides: fine
+    with pytest.raises(ConfigError, match=r"base: unknown key"):
+        load_params(path)

@@ -100,6 +100,25 @@ def test_data_version_is_dvc_md5():
     assert dvc_runner.data_version_of({"outs": []}) is None
 
 
+def test_metadata_floats_are_rounded_and_carry_their_unit(tmp_path):
+    from dagster import MetadataValue
+
+    from fxassets.core.paths import EffectPaths
+    from orchestration import summaries
+    from orchestration.assets import to_metadata
+
+    md = to_metadata({"int8_ms_1t": 8.368427999982941, "int8_speedup_1t": 1.2670003727035373, "bytes": 581606,
+                      "float_fallback": {"calibrations": [{"calibration_parity_db": 49.09728367387321}]}})
+    assert md["int8_ms_1t"] == MetadataValue.float(8.368) and md["int8_speedup_1t"] == MetadataValue.float(1.267)
+    assert md["bytes"] == MetadataValue.int(581606)
+    assert md["float_fallback"] == MetadataValue.json({"calibrations": [{"calibration_parity_db": 49.1}]})
+    p = EffectPaths(tmp_path, "fx")
+    p.student_dir.mkdir(parents=True)
+    p.train_metrics.write_text(json.dumps({"heldout_psnr": 27.9798, "identity_psnr": 17.4192, "heldout_ssim": 0.91383}))
+    values = summaries.summary("student_checkpoint", tmp_path, "fx")
+    assert values == {"heldout_psnr_db": 27.9798, "identity_psnr_db": 17.4192, "heldout_ssim": 0.91383}
+
+
 def test_partition_lock_serializes_one_effect_not_two(tmp_path):
     import threading
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import png_header
 from fxassets.cli import detect as detect_cli
 from fxassets.faces.detect import Face, FaceDetector, select_face
 from fxassets.faces.align import align_matrix, invert_matrix, similarity, template, warp_aligned
@@ -120,13 +121,17 @@ def _saved(tmp_path: Path, name: str, image: Image.Image, **kw) -> np.ndarray:
     return read_rgb(tmp_path / name)
 
 
-@pytest.mark.parametrize("kind", ["gray", "rgba", "cmyk"])
+@pytest.mark.parametrize("kind", ["gray", "gray16", "rgba", "cmyk"])
 def test_grayscale_alpha_and_cmyk_files(detector, tmp_path, kind):
     rgb = sample(4)
     ref = eyes(only_face(detector, rgb))
     im = Image.fromarray(rgb)
     if kind == "gray":
         loaded = _saved(tmp_path, "g.jpg", im.convert("L"), quality=95)
+    elif kind == "gray16":  # Pillow's I;16, which convert("RGB") clips to white
+        gray = np.asarray(im.convert("L"))
+        loaded = _saved(tmp_path, "g16.png", Image.fromarray(gray.astype(np.uint16) * 257))
+        assert np.array_equal(loaded, np.dstack([gray] * 3))  # 0..65535 scaled back to 0..255 exactly
     elif kind == "rgba":
         alpha = np.zeros((512, 512), np.uint8)
         alpha[40:500, 60:460] = 255  # transparent margins: read_rgb puts them on white
@@ -135,7 +140,20 @@ def test_grayscale_alpha_and_cmyk_files(detector, tmp_path, kind):
         loaded = _saved(tmp_path, "c.jpg", im.convert("CMYK"), quality=95)
     assert loaded.shape == (512, 512, 3)
     moved = np.linalg.norm(eyes(only_face(detector, loaded)) - ref, axis=1).max() / np.linalg.norm(ref[1] - ref[0])
-    assert moved < (0.08 if kind == "gray" else 0.03), moved  # gray: the colour model sees other pixels (<=0.045 seen)
+    assert moved < (0.08 if kind.startswith("gray") else 0.03), moved  # gray: the colour model sees other pixels (<=0.045 seen)
+
+
+@pytest.mark.parametrize("w, h", [(20000, 20000), (13000, 13000), (8000, 6300)])
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path, w, h):
+    from fxassets.core.images import MAX_PIXELS, ImageError
+
+    (tmp_path / "big.png").write_bytes(png_header(w, h))
+    with pytest.raises(ImageError, match=r"big.png: image too large .* the limit is 50 megapixels"):
+        read_rgb(tmp_path / "big.png")
+    (tmp_path / "ok.png").write_bytes(png_header(8000, 6000))  # 48 MP: decoded (and found truncated)
+    assert 8000 * 6000 <= MAX_PIXELS < w * h
+    with pytest.raises(ImageError, match="ok.png: unreadable image"):
+        read_rgb(tmp_path / "ok.png")
 
 
 def test_detect_accepts_gray_arrays_and_refuses_floats(detector):
@@ -189,11 +207,12 @@ def test_detect_command_on_a_folder_with_bad_files(tmp_path):
     (src / "corrupt.jpg").write_bytes((src / "good.jpg").read_bytes()[:3000])
     (src / "noise.png").write_bytes(np.random.default_rng(0).bytes(2000))
     Image.new("RGB", (200, 150), (90, 90, 90)).save(src / "blank.png")
+    Image.new("RGB", (200, 150), (90, 90, 90)).save(src / "blank.jpg")  # the same stem: its own preview
     out, preview = tmp_path / "faces.json", tmp_path / "preview"
     args = _parser().parse_args(["detect", "--input", str(src), "--json", str(out), "--preview", str(preview)])
     assert args.func(args) == 0
     entries = {e["file"]: e for e in json.loads(out.read_text())}
-    assert sorted(entries) == ["blank.png", "corrupt.jpg", "good.jpg", "noise.png"]
+    assert sorted(entries) == ["blank.jpg", "blank.png", "corrupt.jpg", "good.jpg", "noise.png"]
     good = entries["good.jpg"]
     assert len(good["faces"]) == 1 and "reason" not in good and (good["width"], good["height"]) == (512, 512)
     face = good["faces"][0]
@@ -202,7 +221,7 @@ def test_detect_command_on_a_folder_with_bad_files(tmp_path):
     for name in ("corrupt.jpg", "noise.png"):
         assert entries[name]["faces"] == [] and "unreadable" in entries[name]["reason"]
     assert entries["blank.png"]["faces"] == [] and entries["blank.png"]["reason"] == "no face found"
-    assert sorted(p.name for p in preview.iterdir()) == ["blank.png", "good.png"]
+    assert sorted(p.name for p in preview.iterdir()) == ["blank_jpg.png", "blank_png.png", "good.png"]
 
 
 def test_detect_command_prints_json_for_one_file(tmp_path, capsys):

@@ -5,6 +5,8 @@ identity swapped, geometry changed by the teacher, all one skin-tone group. Each
 the unchanged set must pass."""
 
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -190,6 +192,29 @@ def test_all_one_skin_tone_group_fails_when_balance_is_asked_for(base, tmp_path)
     df["skin_group"] = ["light", "light", "medium", "dark", "dark"]
     _, gate = run_gate(df, QualityConfig(balance=True, min_group_share=0.2), out)
     assert gate["passed"]
+
+
+@pytest.mark.parametrize("failing", ["pair_rows", "static"])  # GX logs a page it could not write, raises for the rest
+def test_a_full_disk_while_gx_writes_the_data_docs_is_an_error_not_a_logged_traceback(base, tmp_path, monkeypatch, caplog, failing):
+    import errno
+
+    from great_expectations.data_context.store.tuple_store_backend import TupleFilesystemStoreBackend
+
+    _, df, _ = _variant(base, tmp_path)
+    real = TupleFilesystemStoreBackend._set
+
+    def full(self, key, value, **kw):  # the Data Docs site is GX's only file store here
+        if (key if isinstance(key, tuple) else key.to_tuple())[:1] == (failing,):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, key, value, **kw)
+
+    monkeypatch.setattr(TupleFilesystemStoreBackend, "_set", full)
+    out = tmp_path / "full"
+    out.mkdir()
+    with pytest.raises(OSError) as e:
+        run_gate(df.reset_index(), QualityConfig(), out)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out / "gx_docs")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_no_gate_result_blocks_training(tmp_path):

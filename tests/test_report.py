@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from fxassets.cli import main
 from fxassets.core.config import load_params
 from fxassets.core.paths import EffectPaths
@@ -45,7 +47,8 @@ def test_a_failed_parity_gate_is_one_line_with_figure_bound_and_what_to_do(tmp_p
     assert "37.30 dB" in line and "38.00 dB" in line and "effects.sketch.export." in line
     assert "dvc repro mobile_model@sketch" in line
     text = format_table(rows)
-    assert text.splitlines()[2].startswith("cartoon") and "sketch" not in text.split("FAILED")[0]
+    assert text.splitlines()[2].split()[:3] == ["cartoon", "built", "100/2"]
+    assert text.splitlines()[3].split() == ["sketch", "not", "built"]  # its figures are not those of a built model
     assert text.splitlines()[-1] == f"FAILED {line}"
     monkeypatch.chdir(root)
     assert main(["report"]) == 1  # make run's exit status
@@ -86,3 +89,17 @@ def test_all_built_exits_zero(tmp_path, monkeypatch, capsys):
     m.write_text(json.dumps({**json.loads(m.read_text()), "steps": 964, "planned_steps": 1600, "capped": True}))
     assert main(["report"]) == 0
     assert "sketch: training stopped at train.max_seconds after 964 steps of the planned 1600" in capsys.readouterr().out
+
+
+def test_an_effect_not_built_yet_is_listed_as_not_built(tmp_path, monkeypatch, capsys):
+    root = _project(tmp_path)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["effects"]["oil"] = {"prompt": "an oil painting"}  # added to params.yaml, never built
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _built(root, "cartoon", 45.0)
+    _built(root, "sketch", 42.0)
+    monkeypatch.chdir(root)
+    assert main(["report"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[:2] for ln in lines[2:5]] == [["cartoon", "built"], ["sketch", "built"], ["oil", "not"]]
+    assert lines[4].split() == ["oil", "not", "built"] and lines[-1].startswith("FAILED oil: not built")

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import png_header
 from fxassets.core.atomic import read_jsonl
 from fxassets.core.config import EffectConfig, FacesConfig, Params
 from fxassets.core.images import read_png_rgb
@@ -78,17 +79,21 @@ def test_three_stages_with_bad_inputs_never_crash(tmp_path):
     import cv2
 
     ok, png = cv2.imencode(".png", blank)
-    root, params = project(tmp_path, n=4, extra={"zz_corrupt.jpg": corrupt, "zz_blank.png": png.tobytes()})
+    huge = png_header(20000, 20000)  # Pillow's DecompressionBombError: a rejected sample too
+    root, params = project(tmp_path, n=4, extra={"zz_corrupt.jpg": corrupt, "zz_blank.png": png.tobytes(), "zz_huge.png": huge})
+    (root / "data" / "face_pairs" / ".fx.k2j_x9q1.tmp" / "source").mkdir(parents=True)  # a killed run's (kill -9)
     for stage in ("prompts", "teacher_images", "face_pairs"):
         run_stage(stage, params, "fx", root, progress=False)
     paths = EffectPaths(root, "fx")
     recs = {r["sample_id"]: r for r in read_jsonl(paths.teacher_records)}
     assert recs["zz_corrupt"]["status"] == "error" and "zz_corrupt.jpg" in recs["zz_corrupt"]["reason"]
     assert recs["faces_000"]["status"] == "ok"
+    assert recs["zz_huge"]["status"] == "error" and "image too large" in recs["zz_huge"]["reason"]
 
     df = pd.read_parquet(paths.manifest).set_index("sample_id")
     assert df.loc["zz_corrupt", "status"] == "reject" and "unreadable" in df.loc["zz_corrupt", "reason"]
     assert df.loc["zz_blank", "status"] == "reject" and "no face" in df.loc["zz_blank", "reason"]
+    assert df.loc["zz_huge", "status"] == "reject" and "50 megapixels" in df.loc["zz_huge", "reason"]
     passed = df[df.status == "pass"]
     assert len(passed) == 4
     assert set(passed.split) == {"train", "heldout"}
@@ -99,8 +104,8 @@ def test_three_stages_with_bad_inputs_never_crash(tmp_path):
         assert np.abs(s.astype(int) - t).mean() > 3
         assert len(row.align_matrix) == 6
     summary = json.loads((paths.pairs_dir / "summary.json").read_text())
-    assert summary["kept"] == 4 and summary["rejected"] == 2
-    # nothing half-written left beside the outputs
+    assert summary["kept"] == 4 and summary["rejected"] == 3
+    # nothing half-written left beside the outputs, a killed earlier run's temp folder included
     assert not [p for p in (root / "data").rglob(".*tmp*")]
 
 
@@ -129,3 +134,20 @@ def test_two_faces_are_rejected_or_the_largest_taken(tmp_path):
     assert df.loc["two_face1", "split"] == df.loc["two", "split"]
     assert (EffectPaths(root, "fx").pairs_dir / df.loc["two_face1", "source"]).is_file()
     assert df.loc["two", "align_matrix"].tolist() != df.loc["two_face1", "align_matrix"].tolist()
+
+
+def test_sources_sharing_a_stem_are_two_samples_with_two_images(tmp_path):
+    import cv2
+
+    face = cv2.imread(str(sorted(SAMPLES.glob("*.jpg"))[0]))
+    root, params = project(tmp_path, n=0, extra={"x.jpg": cv2.imencode(".jpg", face)[1].tobytes(),
+                                                 "x.png": cv2.imencode(".png", face[:, ::-1])[1].tobytes()})
+    for stage in ("prompts", "teacher_images"):
+        run_stage(stage, params, "fx", root, progress=False)
+    recs = read_jsonl(EffectPaths(root, "fx").teacher_records)
+    assert [(r["sample_id"], r["source"], r["image"]) for r in recs] == [
+        ("x_jpg", "faces/x.jpg", "images/x_jpg.png"), ("x_png", "faces/x.png", "images/x_png.png")]
+    assert recs[0]["person_id"] != recs[1]["person_id"]
+    (root / "faces" / "x_jpg.bmp").write_bytes(b"")  # a name left clashing: refused, naming the files
+    with pytest.raises(ValueError, match="x.jpg, x_jpg.bmp: these files would write the same output name"):
+        run_stage("prompts", params, "fx", root, progress=False)

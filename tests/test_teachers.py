@@ -89,7 +89,7 @@ def test_teacher_config_kinds_and_errors(tmp_path):
     p.write_text(yaml.safe_dump(base))
     with pytest.raises(ConfigError, match="teacher"):
         load_params(p)
-    assert set(REGISTRY) == {"classical", "img2img", "instruct-pix2pix", "text2image", "imagen", "openai-images", "latent-edit"}
+    assert set(REGISTRY) == {"classical", "img2img", "instruct-pix2pix", "text2image", "gemini-image", "openai-images", "latent-edit"}
     assert make_teacher(Text2ImageTeacher(kind="text2image", model="org/m")).generates
 
 

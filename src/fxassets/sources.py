@@ -8,7 +8,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fxassets.core.images import list_images
+from fxassets.core.images import distinct_stems, list_images
 
 
 # columns of a manifest.csv carried into the prompt records (generated sources add the skin-tone ones)
@@ -41,14 +41,15 @@ def list_sources(folder: str | Path, limit: int = 0) -> list[SourceFace]:
     if not files:
         raise FileNotFoundError(f"{folder}: no images (.jpg, .jpeg, .png, .bmp, .webp) in the source folder")
     meta = _read_manifest(folder)
+    ids = distinct_stems(files)  # x.jpg and x.png: samples x_jpg and x_png, not two samples x writing one image
     if limit:
         files = files[:limit]
     out = []
     for p in files:
         row = meta.get(p.name, {})
-        person = row.get("person_id") or p.stem
+        person = row.get("person_id") or ids[p]
         attrs = {k: v for k, v in row.items() if k in ATTRIBUTES and v}
-        out.append(SourceFace(sample_id=p.stem, path=p, person_id=person, attributes=attrs))
+        out.append(SourceFace(sample_id=ids[p], path=p, person_id=person, attributes=attrs))
     return out
 
 

@@ -42,7 +42,7 @@ def stage_student_checkpoint(p: Params, effect: str, paths: EffectPaths, progres
     require_passed(paths.pairs_dir)  # GateError (a ValueError) with the gate's summary when the pair set failed
     # resume checkpoints live outside the DVC outs (DVC deletes those before running the stage)
     state_dir = cache_root(paths.root) / "train" / effect
-    return train_student(paths.pairs_dir, p.train, paths.checkpoint, paths.train_metrics, paths.train_curve, progress,
+    return train_student(paths.pairs_dir, p.train_for(effect), paths.checkpoint, paths.train_metrics, paths.train_curve, progress,
                          state_dir=state_dir, root=paths.root, margin=p.faces.margin)
 
 

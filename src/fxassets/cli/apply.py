@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from fxassets.core.images import IMAGE_SUFFIXES, ImageError, list_images, read_rgb, write_png
+from fxassets.core.images import IMAGE_SUFFIXES, ImageError, distinct_stems, list_images, read_rgb, write_png
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
+VIDEO_OUT_SUFFIXES = tuple(s for s in VIDEO_SUFFIXES if s != ".webm")  # what the mp4v writer can fill (WebM cannot)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -60,23 +61,25 @@ def _write_crops(folder: Path, stem: str, crops: list[np.ndarray]) -> None:
         write_png(folder / f"{stem}_face{i}.png", c)
 
 
-def _images(runner, files: list[Path], output: Path, aligned: bool, single: bool) -> tuple[list, list]:
+def _images(runner, stems: dict[Path, str], output: Path, aligned: bool, single: bool) -> tuple[list, list]:
     timings, faces = [], []
-    for f in tqdm(files, desc="apply", unit="img", disable=single or not sys.stderr.isatty()):
+    for f in tqdm(stems, desc="apply", unit="img", disable=single or not sys.stderr.isatty()):
         try:
             rgb = read_rgb(f)
         except ImageError as exc:
+            if single:  # the one input given: an error, not a skip
+                raise
             print(f"fxassets: skipped {exc}", file=sys.stderr)
             continue
         res = runner.process(rgb, blend=not aligned)
         timings.append(res.ms)
         faces.append(res.faces)
         if aligned:
-            _write_crops(output, f.stem, res.crops)
+            _write_crops(output, stems[f], res.crops)
         elif single:
             _write_any(output, res.frame)
         else:
-            write_png(output / f"{f.stem}.png", res.frame)
+            write_png(output / f"{stems[f]}.png", res.frame)
     return timings, faces
 
 
@@ -137,6 +140,22 @@ class _nullpath:
         return None
 
 
+def check_output(src: Path, output: Path, is_video: bool, aligned: bool, json_path: Path | None = None) -> None:
+    """Refuse, before any work, an output that would overwrite the input or cannot be written as asked."""
+    for p, what in ((output, "--output"), (json_path, "--json")):
+        if p is not None and p.resolve() == src.resolve():
+            raise ValueError(f"{p}: {what} is the input {src}; refusing to overwrite it, give another path")
+    folder = aligned or src.is_dir()
+    above = next(p for p in (output.absolute(), *output.absolute().parents) if p.exists())
+    if above.is_file() and (folder or above != output.absolute()):
+        raise ValueError(f"{output}: --output {'is' if above == output.absolute() else f'is under {above}, which is'} "
+                         "a file, not a folder")
+    kinds = () if folder else VIDEO_OUT_SUFFIXES if is_video else IMAGE_SUFFIXES
+    if kinds and (output.suffix.lower() not in kinds or output.is_dir()):
+        what = "a folder" if output.is_dir() else f"not {'a video' if is_video else 'an image'} file name"
+        raise ValueError(f"{output}: --output is {what}; for this input give a file ending in {', '.join(kinds)}")
+
+
 def run(args: argparse.Namespace) -> int:
     from fxassets.core.config import load_params
 
@@ -148,14 +167,15 @@ def run(args: argparse.Namespace) -> int:
     is_video = src.is_file() and src.suffix.lower() in VIDEO_SUFFIXES
     if src.is_file() and not is_video and src.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"{src}: not an image ({', '.join(IMAGE_SUFFIXES)}) or a video ({', '.join(VIDEO_SUFFIXES)})")
+    check_output(src, args.output, is_video, args.aligned, args.json)
+    stems = distinct_stems(list_images(src) if src.is_dir() else [src])  # a name clash is refused before any work too
     if args.aligned or src.is_dir():
         args.output.mkdir(parents=True, exist_ok=True)
     with make_runner(params, args.effect, args.engine, args.threads) as runner:
         if is_video:
             timings, faces = _video(runner, src, args.output, args.aligned)
         else:
-            files = list_images(src) if src.is_dir() else [src]
-            timings, faces = _images(runner, files, args.output, args.aligned, single=src.is_file())
+            timings, faces = _images(runner, stems, args.output, args.aligned, single=src.is_file())
     summary = {"effect": args.effect, "engine": args.engine, "input": str(src), "output": str(args.output),
                **summarize(timings, faces)}
     if args.json:

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from fxassets.core.atomic import write_json
-from fxassets.core.images import list_images, read_rgb, write_png
+from fxassets.core.images import distinct_stems, list_images, read_rgb, write_png
 
 
 def _score(text: str) -> float:
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fxassets detect: {src}: no such file or folder", file=sys.stderr)
         return 2
     preview = Path(args.preview) if getattr(args, "preview", None) else None
+    stems = distinct_stems(files)  # x.jpg and x.png: previews x_jpg.png and x_png.png
     entries: list[dict[str, Any]] = []
     with FaceDetector(kind=getattr(args, "detector", "short"), min_score=getattr(args, "min_score", 0.5)) as detector:
         for path in tqdm(files, desc="detect", unit="img", file=sys.stderr, disable=len(files) < 2):
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             if not faces:
                 entry["reason"] = "no face found"
             if preview is not None:
-                write_png(preview / f"{path.stem}.png", draw_faces(rgb, faces, entry.get("reason", "")))
+                write_png(preview / f"{stems[path]}.png", draw_faces(rgb, faces, entry.get("reason", "")))
             entries.append(entry)
     if getattr(args, "json", None):
         write_json(args.json, entries)

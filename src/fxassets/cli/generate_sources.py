@@ -11,10 +11,10 @@ multiple of (ages x genders x skin groups) samples is exactly balanced. Each sam
 seed and its id), and the same resumable per-sample cache as the teacher stage: a killed run resumes where it
 stopped.
 
-`--from-params` takes the generator from params.yaml's `teacher:` instead: `imagen` (its `generate_model`) or
-`openai-images` (paid: the cost estimate and `max_cost` bound apply), or `latent-edit`, which writes G(w) for each
-seed with its latent w beside it as `gen_00000.npy` (no prompts: the GAN draws its own people) so that the
-`latent-edit` teacher can make the targets G(w + s * d) from the same folder."""
+`--from-params` takes the generator from params.yaml's `teacher:` instead: `gemini-image` (its `model`, text only, at
+`aspect_ratio`) or `openai-images` (paid: the cost estimate and `max_cost` bound apply), or `latent-edit`, which
+writes G(w) for each seed with its latent w beside it as `gen_00000.npy` (no prompts: the GAN draws its own people)
+so that the `latent-edit` teacher can make the targets G(w + s * d) from the same folder."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def latent_records(spec: SourcesConfig) -> list[dict[str, Any]]:
 def generate_sources(gen, spec: SourcesConfig, out_dir: Path, root: Path = Path("."), progress: bool = True) -> dict[str, Any]:
     """Generate the portraits (resuming from the per-sample cache), then write `out_dir` in one atomic step.
 
-    `gen`: a `Text2ImageTeacher`, or a teacher config whose teacher generates (imagen, openai-images, latent-edit)."""
+    `gen`: a `Text2ImageTeacher`, or a teacher config whose teacher generates (gemini-image, openai-images, latent-edit)."""
     from fxassets.teachers.stage import SampleCache, compute_samples
     from fxassets.teachers import make_teacher
     from fxassets.core.paths import cache_root
@@ -152,7 +152,7 @@ def generate_sources(gen, spec: SourcesConfig, out_dir: Path, root: Path = Path(
         gen = gen.model_copy(update={"prompt_template": "{prompt}"})
     teacher = make_teacher(gen, root=root)
     if not teacher.generates:
-        raise ValueError(f"generate-sources: a {gen.kind!r} teacher does not generate images (imagen, openai-images, latent-edit and text2image do)")
+        raise ValueError(f"generate-sources: a {gen.kind!r} teacher does not generate images (gemini-image, openai-images, latent-edit and text2image do)")
     fp = teacher.fingerprint("generate")
     records = latent_records(spec) if latent else balanced_prompts(spec)
     cache = SampleCache(cache_root(root) / "sources")
@@ -220,7 +220,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=96, help="number of portraits (default 96)")
     p.add_argument("--model", help="local diffusers folder or hub id (e.g. models/sd-turbo)")
     p.add_argument("--from-params", action="store_true",
-                   help="use params.yaml's teacher as the generator: imagen (generate_model), openai-images, or latent-edit (G(w), latents saved beside)")
+                   help="use params.yaml's teacher as the generator: gemini-image, openai-images, or latent-edit (G(w), latents saved beside)")
     p.add_argument("--revision", help="hub revision (a commit sha)")
     p.add_argument("--variant", help="weights variant, e.g. fp16")
     p.add_argument("--scheduler", help="diffusers scheduler class name (default: the model's)")

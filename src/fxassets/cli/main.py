@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fxassets.core.config import ConfigError, load_params
 from fxassets.core.paths import STAGES
+from fxassets.teachers.base import TeacherError
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
@@ -66,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except OSError as exc:  # no permission, a full disk, a folder where a file should be: the path and why
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+        print(f"fxassets: error: {f'{where}: {exc.strerror}' if where and exc.strerror else exc}", file=sys.stderr)
+        return 2
+    except (ConfigError, ValueError, TeacherError) as exc:  # TeacherError: an API that gave up, naming the sample
         print(f"fxassets: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,6 @@
-"""The summary table `make run` prints: one row per effect from the stages' own reports, and one line per effect
-that did not build (a failed quality or parity gate, or a stage that failed), with the figure, the bound and what to
-do."""
+"""The summary table `make run` prints: one row per effect of params.yaml from the stages' own reports (an effect not
+built yet too, marked so), and one line per effect that did not build (a failed quality or parity gate, a stage that
+failed, no model yet), with the figure, the bound and what to do."""
 
 from __future__ import annotations
 
@@ -99,13 +99,14 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The effects that built as a table, then one line per effect that did not."""
+    """One line per effect of params.yaml (one that did not build says so, its figures left out), then one line per
+    effect that did not build, saying why."""
     failed = [r["failed"] for r in rows if r.get("failed")]
-    rows = [r for r in rows if not r.get("failed")]
-    head = ["effect", "kept/rejected", "PSNR dB (input)", "SSIM", "int8 ms (fp32)", "int8 model", "grid"]
+    head = ["effect", "status", "kept/rejected", "PSNR dB (input)", "SSIM", "int8 ms (fp32)", "int8 model", "grid"]
     body = [
-        [
+        [r["effect"], "not built"] if r.get("failed") else [
             r["effect"],
+            "built",
             f"{_fmt(r['kept'])}/{_fmt(r['rejected'])}",
             f"{_fmt(r['psnr_db'], '.2f')} ({_fmt(r['identity_psnr_db'], '.1f')})",
             _fmt(r["ssim"], ".3f"),
@@ -115,9 +116,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ]
         for r in rows
     ]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *(b + [""] * (len(head) - len(b)) for b in body))]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    table = [line(head), line(["-" * w for w in widths]), *map(line, body)] if rows else ["no effect built"]
+    table = [line(head), line(["-" * w for w in widths]), *map(line, body)]
     capped = [f"note: {r['effect']}: training stopped at train.max_seconds after {r['steps']} steps of the planned "
-              f"{r.get('planned_steps') or 'train.steps'}: the model depends on this machine's speed" for r in rows if r.get("capped")]
+              f"{r.get('planned_steps') or 'train.steps'}: the model depends on this machine's speed"
+              for r in rows if r.get("capped") and not r.get("failed")]
     return "\n".join(table + capped + ([""] + [f"FAILED {f}" for f in failed] if failed else []))

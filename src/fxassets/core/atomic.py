@@ -1,32 +1,76 @@
-"""Atomic writes: a file or a whole folder appears complete or not at all (temp name, then rename)."""
+"""Atomic writes: a file or a whole folder appears complete or not at all (temp name, then rename).
+
+The temp names carry the writer's pid (`.<name>.<pid>-<random>.tmp`), so that what a killed writer left behind is
+known for stale and removed by the next atomic folder written beside it (`clear_stale`). Files and folders get the
+usual modes (0666 / 0777 less the umask), as any other file would; a write that fails (a full disk, no permission)
+leaves nothing behind and names the path it was writing."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# this module's temp names, and tempfile's (`.<name>.<8 random>.tmp`, written before the pid was in the name)
+_TEMP = re.compile(r"^\..+\.(?:(\d+)-[0-9a-f]{8}|[a-z0-9_]{8})\.(?:tmp|old)(?:\.\w+)?$")
+
+
+def _temp_name(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.{kind}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clear_stale(folder: Path) -> list[Path]:
+    """Remove the temp files and folders in `folder` whose writer is gone (killed); the ones removed."""
+    stale = [p for p in (folder.iterdir() if folder.is_dir() else ()) if (m := _TEMP.match(p.name))
+             and not (m.group(1) and _alive(int(m.group(1))))]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    return stale
+
+
+@contextlib.contextmanager
+def _naming(path: Path, tmp: Path) -> Iterator[None]:
+    """An OSError without a file name (from a write), naming the temp path, or of a full disk (which a copy blames on
+    its source) names `path` instead."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is not None and (exc.filename in (None, str(tmp)) or exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # the temp name keeps the suffix: writers such as cv2.VideoWriter pick the format by it
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _temp_name(path, f"tmp{path.suffix}")
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with _naming(path, tmp_path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
+            yield tmp_path
+            os.replace(tmp_path, path)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        tmp_path.unlink(missing_ok=True)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -60,19 +104,23 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a folder under a temporary name; on success it replaces `path` whole, on error it is removed."""
+    """Build a folder under a temporary name; on success it replaces `path` whole, on error it is removed. What a
+    killed earlier run left beside it is removed first."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _temp_name(path, "tmp")
     try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        with _naming(path, tmp):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            clear_stale(path.parent)
+            tmp.mkdir(0o777)  # the umask applies
+            yield tmp
+            if path.exists():
+                old = _temp_name(path, "old")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,8 +1,7 @@
 """`params.yaml`: the one config of the pipeline, validated with pydantic on load.
 
-Every stage reads a slice of it (see `dvc.yaml`, which names exactly those slices).  A typo or a wrong type fails
-with a `ConfigError` naming the file, the key path and the reason.
-"""
+Every stage reads a slice of it (see `dvc.yaml`, which names exactly those slices). A typo, a wrong type or a key
+given twice fails with a `ConfigError` naming the file, the key path (or both lines) and the reason."""
 
 from __future__ import annotations
 
@@ -12,8 +11,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fxassets.core.api_config import GeminiImageTeacher, OpenAIImagesTeacher, check_template, retired_teacher
+from fxassets.core.yamlfile import YAMLError, load_yaml
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -70,16 +71,7 @@ class _DiffusersTeacher(_Strict):
     @field_validator("prompt_template")
     @classmethod
     def _template_fields(cls, v: str) -> str:
-        import string
-
-        try:
-            names = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
-        except ValueError as exc:
-            raise ValueError(f"not a valid template: {exc}") from None
-        bad = sorted(n for n in names if not re.fullmatch(r"[a-z_]+", n))
-        if bad:
-            raise ValueError(f"template fields must be plain names like {{prompt}} or {{age}}, got {bad}")
-        return v
+        return check_template(v)
 
 
 class Img2ImgTeacher(_DiffusersTeacher):
@@ -111,65 +103,6 @@ class Text2ImageTeacher(_DiffusersTeacher):
     kind: Literal["text2image"]
 
 
-class _ApiTeacher(_Strict):
-    """What the teachers behind a paid HTTP API share: where to send, how hard to try, what a run may cost.
-    None of these change an output, so none is in the fingerprint (docs/api_teachers.md)."""
-
-    endpoint: str | None = Field(None, description="API base URL; null: the provider's own (tests point it at 127.0.0.1)")
-    concurrency: int = Field(4, ge=1, le=64, description="requests in flight at once")
-    timeout: float = Field(120.0, gt=0, le=3600, description="seconds to wait for an answer (read timeout)")
-    connect_timeout: float = Field(10.0, gt=0, le=600, description="seconds to wait for a connection")
-    max_retries: int = Field(6, ge=0, le=50, description="retries of a 429 / 5xx / timeout before the run fails")
-    backoff: float = Field(1.0, ge=0, le=600, description="first retry delay (s); doubles each retry, with jitter")
-    max_backoff: float = Field(60.0, ge=0, le=3600, description="cap of one retry delay (a Retry-After is honoured up to 10 min)")
-    price_per_image: float = Field(0.04, ge=0, description="USD a finished image costs (check the provider's price list)")
-    max_cost: float = Field(20.0, ge=0, description="USD a run may spend; a run whose estimate is higher does not start")
-    max_side: int = Field(1024, ge=16, le=4096, description="a source is sent at most this long side (px); output resized back")
-    prompt_template: str = Field("{prompt}", min_length=1, description="'{prompt}' and source attributes ({age}, ...)")
-
-    @field_validator("prompt_template")
-    @classmethod
-    def _template_fields(cls, v: str) -> str:
-        return _DiffusersTeacher._template_fields(v)
-
-
-class ImagenTeacher(_ApiTeacher):
-    """Google Imagen on Vertex AI (`:predict`): edits with the capability model (the source as a raw reference
-    image, `[1]` in the prompt), portraits for `fxassets generate-sources` with a generation model. Credentials
-    come from the environment only: `token_env`, else Application Default Credentials through google-auth."""
-
-    kind: Literal["imagen"]
-    project: str = Field(min_length=1, description="Google Cloud project id")
-    location: str = Field("us-central1", min_length=1, description="Vertex AI region, or 'global'")
-    model: str = Field("imagen-3.0-capability-001", min_length=1, description="editing model version")
-    generate_model: str = Field("imagen-3.0-generate-002", min_length=1, description="text-to-image model version (generate-sources)")
-    prompt_template: str = Field("Transform the subject in image [1]: {prompt}", min_length=1, description="[1] is the source face")
-    edit_mode: str | None = Field(None, description="parameters.editMode, e.g. EDIT_MODE_DEFAULT; null: instruct customization")
-    base_steps: int | None = Field(None, ge=1, le=200, description="parameters.editConfig.baseSteps")
-    guidance_scale: float | None = Field(None, ge=0, le=100, description="parameters.guidanceScale")
-    negative_prompt: bool = Field(False, description="send the effect's negative prompt (models that take one)")
-    person_generation: Literal["dont_allow", "allow_adult", "allow_all"] = "allow_adult"
-    safety_setting: Literal["block_low_and_above", "block_medium_and_above", "block_only_high", "block_none"] = "block_medium_and_above"
-    add_watermark: bool = Field(False, description="SynthID watermark; Imagen ignores the seed when it is on")
-    aspect_ratio: str = Field("1:1", description="generated portraits (generate-sources)")
-    output_mime_type: Literal["image/png", "image/jpeg"] = "image/png"
-    token_env: str = Field("GOOGLE_OAUTH_ACCESS_TOKEN", min_length=1, description="variable holding an access token; unset: ADC")
-
-
-class OpenAIImagesTeacher(_ApiTeacher):
-    """OpenAI's images API: `POST /images/edits` (multipart, the source as `image`) and `/images/generations`.
-    The API takes no seed: a sample asked for twice differs (the per-sample cache makes sure it is asked once)."""
-
-    kind: Literal["openai-images"]
-    model: str = Field("gpt-image-1", min_length=1, description="model (pin a dated snapshot where there is one)")
-    size: str = Field("1024x1024", pattern=r"^(auto|\d+x\d+)$", description="output size asked for; resized back to the source")
-    quality: str | None = Field("medium", description="gpt-image-1: low | medium | high | auto; dall-e-3: standard | hd")
-    input_fidelity: Literal["low", "high"] | None = Field(None, description="edits, gpt-image-1: how closely to keep the face")
-    moderation: Literal["auto", "low"] | None = Field(None, description="generations, gpt-image-1")
-    price_per_image: float = Field(0.05, ge=0, description="USD per image (gpt-image-1 medium 1024x1024 edit, about)")
-    api_key_env: str = Field("OPENAI_API_KEY", min_length=1, description="variable holding the API key")
-
-
 class LatentEditTeacher(_Strict):
     """The StyleGAN2 + StyleCLIP generation: a user's generator G (latent -> image, TorchScript or ONNX) and an
     edit direction d (.npy); source = G(w) (`fxassets generate-sources --from-params`, which writes w beside each
@@ -188,7 +121,7 @@ class LatentEditTeacher(_Strict):
 
 
 TeacherConfig = Annotated[
-    Union[ClassicalTeacher, Img2ImgTeacher, InstructPix2PixTeacher, ImagenTeacher, OpenAIImagesTeacher, LatentEditTeacher],
+    Union[ClassicalTeacher, Img2ImgTeacher, InstructPix2PixTeacher, GeminiImageTeacher, OpenAIImagesTeacher, LatentEditTeacher],
     Field(discriminator="kind"),
 ]
 """The `teacher:` section: one editing teacher for every effect (changing it is a *teacher swap*)."""
@@ -234,6 +167,19 @@ class EffectConfig(_Strict):
     teacher: EffectTeacher = EffectTeacher()
     quality: dict[str, float | bool] = Field(default_factory=dict, description="this effect's overrides of the quality: section")
     export: dict[str, float | int | str] = Field(default_factory=dict, description="this effect's overrides of the export: section")
+    train: dict[str, Any] = Field(default_factory=dict, description="this effect's overrides of the train: section")
+
+    @field_validator("train")
+    @classmethod
+    def _train_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown train setting(s) {unknown}; known: {', '.join(TrainConfig.model_fields)}")
+        try:
+            with_overrides(TrainConfig(), v)  # nested keys and values checked now, not at training time
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        return v
 
     @field_validator("export")
     @classmethod
@@ -349,6 +295,10 @@ class Params(_Strict):
         """The `export:` section with the effect's own overrides (`effects.E.export`) applied."""
         return with_overrides(self.export, self.effect(effect).export)
 
+    def train_for(self, effect: str) -> TrainConfig:
+        """The `train:` section with the effect's own overrides (`effects.E.train`) applied."""
+        return with_overrides(self.train, self.effect(effect).train)
+
     def quality_for(self, effect: str) -> QualityConfig:
         """The `quality:` section with the effect's own overrides (`effects.E.quality`) applied."""
         return with_overrides(self.quality, self.effect(effect).quality)
@@ -365,8 +315,11 @@ M = TypeVar("M", bound=BaseModel)
 
 def with_overrides(section: M, overrides: dict[str, Any]) -> M:
     """A params section with an effect's overrides applied on top (validated again as the section's model): what
-    `effects.E.export` and `effects.E.quality` do to `export:` and `quality:`."""
-    return type(section).model_validate({**section.model_dump(), **overrides})
+    `effects.E.export`, `.quality` and `.train` do to their sections; a nested section (`train.augment`) is merged
+    key by key."""
+    base = section.model_dump()
+    merged = {k: {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v for k, v in overrides.items()}
+    return type(section).model_validate({**base, **merged})
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -402,11 +355,13 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        raw = load_yaml(path)
+    except YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    if why := retired_teacher(raw.get("teacher")):  # a model shut down: one line naming what replaces it
+        raise ConfigError(f"{path}: {why}")
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:

@@ -274,6 +274,36 @@ def plot_balance(table: pd.DataFrame, path: Path, title: str) -> None:
 
 
 # ---- the gate ----------------------------------------------------------------------------------------------------
+class _Failures(logging.Handler):
+    """What GX's Data Docs builder logs as an error: it logs a page it could not write (a full disk) and carries on."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _build_docs(context: Any, docs_dir: Path) -> None:
+    """Build the Data Docs; a page GX could not write is an OSError naming the folder, not a logged traceback and
+    a half-written site."""
+    log, failures = logging.getLogger("great_expectations"), _Failures()
+    log.addHandler(failures)
+    log.propagate = False
+    try:
+        context.build_data_docs()
+    except OSError as exc:  # the index page: raised, without a file name
+        failures.messages.append(str(exc))
+    finally:
+        log.removeHandler(failures)
+        log.propagate = True
+    if failures.messages:
+        m = re.search(r"\[Errno (\d+)\] ([^\"'\n]+)", "\n".join(failures.messages))
+        raise OSError(int(m[1]), m[2], str(docs_dir)) if m else OSError(
+            f"{docs_dir}: great-expectations could not build the Data Docs: {failures.messages[0].splitlines()[0]}")
+
+
 def run_gate(df: pd.DataFrame, q: QualityConfig, out_dir: Path, title: str = "face pairs") -> tuple[pd.DataFrame, dict[str, Any]]:
     """Validate the manifest `df` (measured by face_pairs), reject failing pairs, judge the set; write gate.json,
     the Data Docs and the balance report into `out_dir`. Returns the updated manifest and the gate dict."""
@@ -300,7 +330,7 @@ def run_gate(df: pd.DataFrame, q: QualityConfig, out_dir: Path, title: str = "fa
         entry["observed"] = float(groups["share"].min())
         entry["groups"] = {g: float(s) for g, s in zip(groups["group"], groups["share"])}
         results.append(entry)
-    context.build_data_docs()
+    _build_docs(context, out_dir / DOCS_DIR)
     _scrub_docs(out_dir / DOCS_DIR)
     table.to_csv(out_dir / BALANCE_CSV, index=False)
     plot_balance(table, out_dir / BALANCE_PNG, title)

@@ -3,7 +3,7 @@
 
 Importing this package never imports torch, diffusers or an HTTP client; a teacher loads what it needs on first use."""
 
-from fxassets.teachers.base import SampleRejected, Teacher
+from fxassets.teachers.base import SampleRejected, Teacher, TeacherError
 from fxassets.teachers.registry import REGISTRY, make_teacher
 
-__all__ = ["REGISTRY", "SampleRejected", "Teacher", "make_teacher"]
+__all__ = ["REGISTRY", "SampleRejected", "Teacher", "TeacherError", "make_teacher"]

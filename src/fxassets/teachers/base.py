@@ -22,6 +22,13 @@ class SampleRejected(ImageError):
     """The teacher ran but refuses this one sample (e.g. a safety checker flagged it); recorded, not raised."""
 
 
+class TeacherError(RuntimeError):
+    """The teacher failed in a way that stops the run (an API that gave up, ...); the message names the teacher and
+    the cause, `sample` the sample it failed on when the teacher knows it. Finished samples stay cached."""
+
+    sample: str | None = None
+
+
 class Teacher(ABC):
     """Edits face photos. Subclasses set `kind` and `version` and describe their settings."""
 

@@ -3,7 +3,8 @@
 - `classical`: OpenCV stylizations (CPU, milliseconds a face).
 - `img2img`, `instruct-pix2pix`: diffusers editing teachers (any local diffusers folder or hub id).
 - `text2image`: a diffusers portrait generator for source faces (`fxassets generate-sources`), not an editor.
-- `imagen`, `openai-images`: Google Imagen on Vertex AI and OpenAI's images API (paid, over HTTP; api/).
+- `gemini-image`, `openai-images`: Gemini image models (Vertex AI or the Gemini API) and OpenAI's images API
+  (paid, over HTTP; api/).
 - `latent-edit`: a GAN generator and a latent edit direction (StyleGAN2 + StyleCLIP), pairs with no photos.
 
 Importing this package never imports torch, diffusers or an HTTP client; a teacher loads what it needs on first use."""
@@ -15,7 +16,7 @@ from pathlib import Path
 from fxassets.core.config import EffectTeacher
 from fxassets.teachers.base import Teacher
 from fxassets.teachers.classical import ClassicalTeacherImpl
-from fxassets.teachers.api.imagen import ImagenTeacherImpl
+from fxassets.teachers.api.gemini import GeminiImageTeacherImpl
 from fxassets.teachers.api.openai import OpenAIImagesTeacherImpl
 from fxassets.teachers.diffusers import Img2ImgTeacherImpl, InstructPix2PixTeacherImpl, Text2ImageTeacherImpl
 from fxassets.teachers.latent_edit import LatentEditTeacherImpl
@@ -25,7 +26,7 @@ REGISTRY: dict[str, type[Teacher]] = {
     "img2img": Img2ImgTeacherImpl,
     "instruct-pix2pix": InstructPix2PixTeacherImpl,
     "text2image": Text2ImageTeacherImpl,
-    "imagen": ImagenTeacherImpl,
+    "gemini-image": GeminiImageTeacherImpl,
     "openai-images": OpenAIImagesTeacherImpl,
     "latent-edit": LatentEditTeacherImpl,
 }

@@ -23,11 +23,11 @@ import numpy as np
 from tqdm import tqdm
 
 from fxassets.captures import apply_capture
-from fxassets.core.atomic import atomic_dir, read_jsonl, write_json, write_jsonl
+from fxassets.core.atomic import atomic_dir, clear_stale, read_jsonl, write_json, write_jsonl
 from fxassets.core.hashing import sha256_file
 from fxassets.core.images import ImageError, read_rgb, write_png
 from fxassets.faces.scale import FaceScaler, teacher_view
-from fxassets.teachers import SampleRejected, Teacher
+from fxassets.teachers import SampleRejected, Teacher, TeacherError
 from fxassets.core.paths import cache_root
 
 # no `seconds`: the records are an output, a function of the inputs (the run's timings: the stage's summary)
@@ -84,10 +84,16 @@ def compute_samples(
 ) -> None:
     """Run `run_batch` over the records not yet cached, `batch_size` at a time, and cache each result as it comes.
 
-    `run_batch(records)` returns one RGB uint8 image, `SampleRejected` or `ImageError` per record."""
+    `run_batch(records)` returns one RGB uint8 image, `SampleRejected` or `ImageError` per record. A `TeacherError`
+    stops the run, its message naming the sample (the batch's, when the teacher does not say which)."""
     for chunk in batches(todo, batch_size):
         t0 = time.perf_counter()
-        outs = run_batch([rec for _, rec in chunk])
+        try:
+            outs = run_batch([rec for _, rec in chunk])
+        except TeacherError as exc:
+            which = exc.sample or ", ".join(str(rec["sample_id"]) for _, rec in chunk)
+            exc.args = (f"sample {which}: {exc}; the samples finished before it are cached: run again to continue",)
+            raise
         each = round((time.perf_counter() - t0) / len(chunk), 4)
         where = runtime()
         for (key, rec), out in zip(chunk, outs, strict=True):
@@ -112,6 +118,7 @@ def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root
     fp = teacher.fingerprint()
     eye_px, key_hash = teacher_view(teacher, faces)  # the outputs depend on the face scale the teacher saw too
     cache = SampleCache(cache_root(root) / "teacher")
+    clear_stale(cache.folder)  # the temp files of a run killed while writing a sample
 
     rows: list[dict[str, Any]] = []
     keys: list[str | None] = []

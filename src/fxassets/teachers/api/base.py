@@ -1,5 +1,6 @@
 """What the API teachers share beyond HTTP: image encoding, the write-ahead response cache and `ApiTeacher` (the
-sessions, cost bound, concurrency and caching around `ApiClient`); `imagen.py` and `openai.py` build the requests."""
+sessions, cost bound, concurrency and caching around `ApiClient`, the model lifecycle check, the errors that stop a
+run); `gemini.py` and `openai.py` build the requests and read the answers."""
 
 from __future__ import annotations
 
@@ -9,17 +10,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
 
+from fxassets.core.api_config import LEGACY, family, retired
 from fxassets.core.config import EffectTeacher
-from fxassets.teachers.base import BatchTeacher, SampleRejected
+from fxassets.teachers.base import BatchTeacher, SampleRejected, TeacherError
 from fxassets.core.paths import cache_root
 from fxassets.core.images import resize
-from fxassets.teachers.api.client import ApiClient, ApiRequest, BudgetExceeded, Ledger, _OverBudget
+from fxassets.teachers.api.client import ApiClient, ApiError, ApiRequest, BudgetExceeded, CredentialsError, Ledger, _OverBudget
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,20 @@ def fit_side(rgb: np.ndarray, max_side: int) -> np.ndarray:
     h, w = rgb.shape[:2]
     s = max_side / max(h, w)
     return rgb if s >= 1 else resize(rgb, max(1, round(w * s)), max(1, round(h * s)))
+
+
+def pad_to_aspect(rgb: np.ndarray, aspect: float | None) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """`rgb` padded (edge pixels) to width / height `aspect`, and the map of an answer (any size, that aspect) back onto
+    `rgb`: resized to the padded size, the padding cropped off, so that the face lands where it was."""
+    h, w = rgb.shape[:2]
+    top = left = 0
+    padded = rgb
+    if aspect is not None and abs(w / h - aspect) > 1e-3:
+        pw, ph = (round(h * aspect), h) if w / h < aspect else (w, round(w / aspect))
+        top, left = (ph - h) // 2, (pw - w) // 2
+        padded = cv2.copyMakeBorder(rgb, top, ph - h - top, left, pw - w - left, cv2.BORDER_REPLICATE)
+    ph, pw = padded.shape[:2]
+    return padded, lambda img: resize(img, pw, ph)[top : top + h, left : left + w]
 
 
 class ResponseCache:
@@ -87,6 +103,9 @@ class ApiTeacher(BatchTeacher):
     generates = True  # text-to-image for sources (fxassets generate-sources --from-params)
 
     def __init__(self, cfg, effect: EffectTeacher | None = None):
+        if why := retired(cfg.model):  # before any request, whatever built the config
+            raise ValueError(f"teacher.model: {why}")
+        cfg.price  # noqa: B018 - raises when the model has no listed price and none is set
         self.cfg = cfg
         self.effect = effect or EffectTeacher()
         self.batch_size = 4 * cfg.concurrency  # keeps the pool busy; the response cache makes batch size costless
@@ -131,7 +150,7 @@ class ApiTeacher(BatchTeacher):
         return {"api": self.api, "host": urlsplit(self.base_url()).netloc, "client": f"requests {requests.__version__}"}
 
     def estimate(self, n: int) -> float:
-        return round(n * self.cfg.price_per_image, 6)
+        return round(n * self.cfg.price, 6)
 
     @contextmanager
     def run_session(self, n_uncached: int) -> Iterator[None]:
@@ -139,17 +158,19 @@ class ApiTeacher(BatchTeacher):
         est = self.estimate(n_uncached)
         if n_uncached and est > c.max_cost + 1e-9:
             raise BudgetExceeded(
-                f"{self.kind}: {n_uncached} samples to request x {c.price_per_image:g} USD = {est:.2f} USD estimated, "
+                f"{self.kind}: {n_uncached} samples to request x {c.price:g} USD = {est:.2f} USD estimated, "
                 f"over teacher.max_cost {c.max_cost:.2f} USD; nothing was requested. Raise teacher.max_cost, or lower "
                 "effects.<name>.samples (cached samples cost nothing)")
         client = self.client
-        client.ledger = Ledger(c.price_per_image, c.max_cost)  # the bound is per run
+        client.ledger = Ledger(c.price, c.max_cost)  # the bound is per run
         with self._used_lock:
             self._used = []
         if n_uncached:
             self.auth_headers(False)  # fail before the first request when there are no credentials
             log.warning("%s: %d samples to request x %g USD = %.2f USD estimated (max_cost %.2f USD)",
-                        self.kind, n_uncached, c.price_per_image, est, c.max_cost)
+                        self.kind, n_uncached, c.price, est, c.max_cost)
+            if new := LEGACY.get(family(c.model)):
+                log.warning("%s: %s is a legacy model (still served, not for new runs); the current one is %s", self.kind, c.model, new)
         ok = False
         try:
             yield
@@ -193,24 +214,27 @@ class ApiTeacher(BatchTeacher):
         self.client.stats.add(images=1)
         return job.finish(img)
 
-    def _run(self, jobs: list[_Job]) -> list[np.ndarray | SampleRejected]:
-        """All jobs through the pool; every answer that arrives is cached before a stop or an error is raised."""
+    def _run(self, jobs: list[_Job], records: list[dict[str, Any]]) -> list[np.ndarray | SampleRejected]:
+        """All jobs through the pool; every answer that arrives is cached before a stop or an error is raised (an
+        ApiError names the sample whose request failed)."""
         stop = threading.Event()
         errors: list[BaseException] = []
         over = [False]
 
-        def work(job: _Job):
+        def work(job: _Job, rec: dict[str, Any]):
             try:
                 return self._one(job, stop)
             except _OverBudget:
                 over[0] = True
                 stop.set()
             except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other requests are back
+                if isinstance(exc, TeacherError):
+                    exc.sample = rec.get("sample_id")
                 errors.append(exc)
                 stop.set()
             return None
 
-        outs = list(self.client.pool.map(work, jobs))
+        outs = list(self.client.pool.map(work, jobs, records))
         if errors:
             raise errors[0]
         if over[0]:
@@ -222,15 +246,25 @@ class ApiTeacher(BatchTeacher):
         return outs  # type: ignore[return-value]
 
     def edit_batch(self, images: list[np.ndarray], records: list[dict[str, Any]]) -> list[np.ndarray | SampleRejected]:
-        return self._run([self.edit_request(img, rec) for img, rec in zip(images, records, strict=True)])
+        return self._run([self.edit_request(img, rec) for img, rec in zip(images, records, strict=True)], records)
 
     def generate_batch(self, records: list[dict[str, Any]]) -> list[np.ndarray | SampleRejected]:
-        return self._run([self.generate_request(rec) for rec in records])
+        return self._run([self.generate_request(rec) for rec in records], records)
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+    def fail(self, resp, credentials: str) -> NoReturn:
+        """Raise for a non-2xx answer that is not a refusal: the credentials (401 / 403, `credentials` says where they
+        come from) or anything else, naming the model (a 404 or `model_not_found`: is it still served?)."""
+        msg = self._error(resp)
+        if resp.status_code in (401, 403):
+            raise CredentialsError(f"{self.kind}: the credentials were refused ({msg}); check {credentials}")
+        hint = "; is the model still served? (docs/api_teachers.md, 'Is the model still served')" if (
+            resp.status_code == 404 or "model_not_found" in msg) else ""
+        raise ApiError(f"{self.kind} ({self.cfg.model}): {msg}{hint}")
 
     def _error(self, resp) -> str:
         try:

@@ -12,17 +12,18 @@ Both share one client (`ApiClient`):
   credentials), so a run killed half way never pays twice for an image, even one whose batch had not finished;
   the stage's per-sample cache (`teachers/stage.py`) takes over once a batch is recorded there, and the entries of a
   run that ends normally are removed;
-- a cost bound: `run_session(n)` estimates n uncached samples x `price_per_image` and refuses to start over
-  `max_cost`; during the run a request is only sent while spent + reserved + its price <= `max_cost` (a 2xx answer
-  and a timed-out request count as spent, a 429 / 5xx / refused request does not), else the run stops (`BudgetExceeded`)
-  once the requests in flight are back;
-- a refused image (Imagen's `raiFilteredReason` or no image at all, a 400 naming Responsible AI; OpenAI's
+- a cost bound: `run_session(n)` estimates n uncached samples x the price of an image (`price_per_image`, else the
+  model's listed price) and refuses to start over `max_cost`; during the run a request is only sent while spent +
+  reserved + its price <= `max_cost` (a 2xx answer and a timed-out request count as spent, a 429 / 5xx / refused
+  request does not), else the run stops (`BudgetExceeded`) once the requests in flight are back;
+- a refused image (Gemini: a blocked prompt, a finish reason other than STOP, text but no image; OpenAI's
   `content_policy_violation` / `moderation_blocked`) becomes a `SampleRejected` with the provider's reason.
 
-Credentials come only from the environment (Imagen: `$GOOGLE_OAUTH_ACCESS_TOKEN` or Application Default Credentials
-through google-auth when installed; OpenAI: `$OPENAI_API_KEY`), are sent only in the Authorization header, and are
-scrubbed from every error message. The model version is in the fingerprint; endpoint, concurrency, timeouts,
-retries and prices are not (they never change an image). Request and response shapes: docs/api_teachers.md."""
+Credentials come only from the environment (Vertex AI: `$GOOGLE_OAUTH_ACCESS_TOKEN` or Application Default
+Credentials through google-auth when installed; the Gemini API: `$GEMINI_API_KEY`; OpenAI: `$OPENAI_API_KEY`), are
+sent only in a header (Authorization, or x-goog-api-key), and are scrubbed from every error message. The model
+version is in the fingerprint; endpoint, concurrency, timeouts, retries and prices are not (they never change an
+image). Request and response shapes: docs/api_teachers.md."""
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 
-from fxassets.teachers.base import SampleRejected
+from fxassets.teachers.base import SampleRejected, TeacherError
 
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ MAX_RETRY_AFTER = 600.0  # seconds: a longer Retry-After is cut to this
 GOOGLE_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
 
-class ApiError(RuntimeError):
+class ApiError(TeacherError):
     """The API failed in a way retrying does not fix (bad request, auth, retries used up): the run stops."""
 
 
@@ -165,7 +166,7 @@ class ApiClient:
     def __init__(self, name: str, base_url: str, cfg, auth: Callable[[bool], dict[str, str]], secrets: Callable[[], list[str]]):
         self.name, self.base_url, self.cfg = name, base_url.rstrip("/"), cfg
         self._auth, self._secrets = auth, secrets
-        self.ledger = Ledger(cfg.price_per_image, cfg.max_cost)
+        self.ledger = Ledger(cfg.price, cfg.max_cost)
         self.stats = ClientStats()
         self.sleep: Callable[[float], None] = time.sleep
         self.rng = random.Random()

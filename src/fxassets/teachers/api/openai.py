@@ -6,14 +6,12 @@ import base64
 import os
 from typing import Any
 
-import cv2
 import numpy as np
 
 from fxassets.core.config import OpenAIImagesTeacher
 from fxassets.teachers.base import SampleRejected
 from fxassets.teachers.diffusers import render_prompt
-from fxassets.core.images import resize
-from fxassets.teachers.api.base import ApiTeacher, _Job, encode_png, fit_side
+from fxassets.teachers.api.base import ApiTeacher, _Job, encode_png, fit_side, pad_to_aspect
 from fxassets.teachers.api.client import ApiError, ApiRequest, CredentialsError
 
 
@@ -23,11 +21,10 @@ _OPENAI_REFUSALS = ("content_policy_violation", "moderation_blocked")
 
 
 class OpenAIImagesTeacherImpl(ApiTeacher):
-    """`POST {endpoint}/images/edits` (multipart: image, prompt, model, n, size, quality, input_fidelity) and
-    `POST {endpoint}/images/generations` (JSON: model, prompt, n, size, quality, moderation); answer
-    `data[0].b64_json`. A refusal is a 400 with `error.code` content_policy_violation or moderation_blocked. DALL-E
-    models get `response_format: b64_json` (gpt-image models always answer base64 and reject it). No seed: the API
-    takes none."""
+    """`POST {endpoint}/images/edits` (multipart: `image[]` = the source as PNG, prompt, model, n, size, quality,
+    output_format, input_fidelity, moderation) and `POST {endpoint}/images/generations` (JSON: the same fields but the
+    image and input_fidelity); answer `data[0].b64_json` (gpt-image models always answer base64). A refusal is a 400
+    with `error.code` content_policy_violation or moderation_blocked. No seed: the API takes none."""
 
     kind = "openai-images"
     api = "openai"
@@ -36,11 +33,11 @@ class OpenAIImagesTeacherImpl(ApiTeacher):
     def settings(self) -> dict[str, Any]:
         c = self.cfg
         return {"model": c.model, "prompt_template": c.prompt_template, "size": c.size, "quality": c.quality,
-                "input_fidelity": c.input_fidelity, "max_side": c.max_side}
+                "input_fidelity": c.input_fidelity, "output_format": c.output_format, "moderation": c.moderation, "max_side": c.max_side}
 
     def generate_settings(self) -> dict[str, Any]:
         c = self.cfg
-        return {"model": c.model, "size": c.size, "quality": c.quality, "moderation": c.moderation}
+        return {"model": c.model, "size": c.size, "quality": c.quality, "output_format": c.output_format, "moderation": c.moderation}
 
     def base_url(self) -> str:
         return (self.cfg.endpoint or "https://api.openai.com/v1").rstrip("/")
@@ -63,11 +60,10 @@ class OpenAIImagesTeacherImpl(ApiTeacher):
 
     def _common(self) -> dict[str, str]:
         c = self.cfg
-        f = {"model": c.model, "n": "1", "size": c.size}
-        if c.quality:
-            f["quality"] = c.quality
-        if c.model.startswith("dall-e"):
-            f["response_format"] = "b64_json"
+        f = {"model": c.model, "n": "1", "size": c.size, "output_format": c.output_format}
+        for name in ("quality", "moderation"):
+            if getattr(c, name):
+                f[name] = getattr(c, name)
         return f
 
     def _aspect(self) -> float | None:
@@ -78,30 +74,15 @@ class OpenAIImagesTeacherImpl(ApiTeacher):
 
     def edit_request(self, rgb: np.ndarray, record: dict[str, Any]) -> _Job:
         c = self.cfg
-        h, w = rgb.shape[:2]
-        # pad the source to the aspect of the size asked for (edge pixels), so that the answer maps back exactly
-        a = self._aspect()
-        top = left = 0
-        padded = rgb
-        if a is not None and abs(w / h - a) > 1e-3:
-            pw, ph = (round(h * a), h) if w / h < a else (w, round(w / a))
-            top, left = (ph - h) // 2, (pw - w) // 2
-            padded = cv2.copyMakeBorder(rgb, top, ph - h - top, left, pw - w - left, cv2.BORDER_REPLICATE)
-        ph, pw = padded.shape[:2]
+        padded, finish = pad_to_aspect(rgb, self._aspect())  # the answer maps back onto the source exactly
         fields = {**self._common(), "prompt": render_prompt(c.prompt_template, record)}
         if c.input_fidelity:
             fields["input_fidelity"] = c.input_fidelity
-        files = {"image": ("source.png", encode_png(fit_side(padded, c.max_side)), "image/png")}
-
-        def finish(img: np.ndarray) -> np.ndarray:
-            return resize(img, pw, ph)[top : top + h, left : left + w]
-
+        files = {"image[]": ("source.png", encode_png(fit_side(padded, c.max_side)), "image/png")}
         return _Job(ApiRequest("/images/edits", fields=fields, files=files), finish)
 
     def generate_request(self, record: dict[str, Any]) -> _Job:
         body: dict[str, Any] = {**self._common(), "n": 1, "prompt": record.get("prompt", "")}
-        if self.cfg.moderation:
-            body["moderation"] = self.cfg.moderation
         return _Job(ApiRequest("/images/generations", json_body=body), lambda img: img)
 
     def read_answer(self, resp) -> bytes | SampleRejected:
@@ -122,6 +103,4 @@ class OpenAIImagesTeacherImpl(ApiTeacher):
         code = err.get("code")
         if resp.status_code == 400 and (code in _OPENAI_REFUSALS or err.get("type") == "image_generation_user_error"):
             return SampleRejected(self.client.scrub(f"openai-images refused the request ({code}): {err.get('message', '')}"))
-        if resp.status_code in (401, 403):
-            raise CredentialsError(f"openai-images: the API key was refused ({self._error(resp)}); check ${self.cfg.api_key_env}")
-        raise ApiError(f"openai-images ({self.cfg.model}): {self._error(resp)}")
+        self.fail(resp, f"${self.cfg.api_key_env}")
