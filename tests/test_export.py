@@ -492,10 +492,11 @@ def test_export_mobile_parity_error_still_writes_report(tmp_path, patched_studen
     pairs = make_pairs(tmp_path / "pairs", train_people=2, heldout_people=1, per_person=1)
     p = stage_paths(tmp_path)
     cfg = ExportConfig(calibration_samples=2, latency_runs=1, min_parity_db=99.0)
-    with pytest.raises(ParityError, match=r"parity PSNR .* below export.min_parity_db = 99.00 dB"):
+    with pytest.raises(ParityError, match=r"parity PSNR .* below export.min_parity_db = 99.00 dB") as exc:
         export_mobile(patched_student, pairs, cfg, progress=False, **p)
     report = json.loads(p["report_json"].read_text())
     assert report["parity_ok"] is False and report["min_parity_db"] == 99.0
+    assert exc.value.report["parity_ok"] is False and exc.value.report["int8_ms_1t"] > 0  # with the run's figures
 
 
 def test_export_mobile_float_fallback_passes_the_gate(tmp_path, patched_wide_narrow):

@@ -49,8 +49,12 @@ GRID_LABELS = ("before", "teacher", "student int8")
 
 
 class ParityError(ValueError):
-    """The int8 model's output differs too much from the fp32 model's (PSNR below the configured floor)."""
+    """The int8 model's output differs too much from the fp32 model's (PSNR below the configured floor); `report`:
+    what export_mobile would have returned (report.json holds no latency)."""
 
+    def __init__(self, message: str, report: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.report = report or {}
 
 
 def export_mobile(checkpoint: Path, pairs_dir: Path, cfg: ExportConfig, out_dir: Path, onnx_fp32: Path,
@@ -209,6 +213,5 @@ def export_mobile(checkpoint: Path, pairs_dir: Path, cfg: ExportConfig, out_dir:
         raise ParityError(
             f"int8 parity PSNR {report['parity_psnr_db']:.2f} dB (int8 vs fp32, mean over {len(heldout)} held-out "
             f"pairs; .ort {report['ort_parity_psnr_db']:.2f} dB) is below export.min_parity_db = "
-            f"{cfg.min_parity_db:.2f} dB ({kept}); report written to {report_json}"
-        )
+            f"{cfg.min_parity_db:.2f} dB ({kept}); report written to {report_json}", {**report, **run})
     return {**report, **run}
