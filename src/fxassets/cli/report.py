@@ -10,6 +10,7 @@ from typing import Any
 
 from fxassets.core.config import Params
 from fxassets.core.paths import EffectPaths
+from fxassets.core.runlog import read_run_log
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -68,6 +69,7 @@ def effect_rows(params: Params, root: Path = Path("."), dvc_status: dict[str, An
         pairs = _load(p.pairs_dir / "summary.json")
         train = _load(p.train_metrics)
         mobile = _load(p.mobile_report)
+        timed = read_run_log(root, "mobile_model", effect)  # latencies: the run's, not the output's (core.runlog)
         rows.append(
             {
                 "effect": effect,
@@ -80,8 +82,8 @@ def effect_rows(params: Params, root: Path = Path("."), dvc_status: dict[str, An
                 "ssim": train.get("heldout_ssim"),
                 "identity_psnr_db": train.get("identity_psnr"),
                 "int8_psnr_db": mobile.get("int8_psnr_db"),
-                "int8_ms": mobile.get("int8_ms_1t"),
-                "fp32_ms": mobile.get("fp32_ms_1t"),
+                "int8_ms": timed.get("int8_ms_1t"),
+                "fp32_ms": timed.get("fp32_ms_1t"),
                 "int8_model": str(p.onnx_int8) if p.onnx_int8.exists() else None,
                 "grid": str(p.grid) if p.grid.exists() else None,
                 "failed": effect_failure(params, effect, root, stale.get(effect)),

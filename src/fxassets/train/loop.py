@@ -275,7 +275,9 @@ def train_student(
     root: Path | None = None,
     margin: float = DEFAULT_MARGIN,
 ) -> dict[str, Any]:
-    """Distil the pairs in `pairs_dir` into a student; write checkpoint, metrics JSON and curve CSV; return metrics.
+    """Distil the pairs in `pairs_dir` into a student; write checkpoint, metrics JSON and curve CSV; return the
+    metrics with the run's `train_seconds`, `resumed_from_step` and `cpu` (which the files leave out: the same
+    inputs give the same bytes).
 
     `state_dir`: where resume checkpoints go (outside the DVC outputs; None: not resumable); deleted on success.
     `root`: the folder a relative ``cfg.lpips_weights`` is read from (the project root; default the working dir).
@@ -306,9 +308,6 @@ def train_student(
             "steps": result.steps,
             "planned_steps": cfg.steps,
             "capped": result.steps < cfg.steps,  # train.max_seconds cut the run short: another machine, another model
-            "resumed_from_step": result.resumed_from,
-            "train_seconds": round(result.seconds, 2),
-            "cpu": cpu_info(),  # the machine train_seconds is of (the weights are not: steps only)
             "params": count_params(model),
             "macs_256": count_macs(model),
             "encoder": cfg.encoder,
@@ -328,6 +327,8 @@ def train_student(
         write_json(metrics_path, metrics)
         write_text(curve_path, curve_csv(result.curve))
         checkpointer.clear()  # the outputs are the product now
-        return metrics
+        # the run, not the model: in the returned summary (the stage's run log), never in the outputs
+        return {**metrics, "resumed_from_step": result.resumed_from, "train_seconds": round(result.seconds, 2),
+                "cpu": cpu_info()}  # the machine train_seconds is of (the weights are not: steps only)
     finally:
         torch.set_num_threads(threads_before)

@@ -25,12 +25,12 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from timm.layers import ConvNormAct
 from timm.models._efficientnet_blocks import InvertedResidual
 from torch import nn
 
-from fxassets.core.atomic import atomic_path
+from fxassets.core.atomic import write_bytes
 
 DEFAULT_ENCODER = "mobilenetv4_conv_small_050"
 # decoder channels at strides 16, 8, 4, 2 for width 1.0
@@ -248,8 +248,18 @@ def save_student(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> No
                  "width": getattr(model, "width", 1.0), "arch": getattr(model, "arch", {})})
     header = {str(k): json.dumps(v, default=str) for k, v in info.items()}  # every value JSON: lossless round trip
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+    write_bytes(path, _sorted_metadata(save(tensors, metadata=header)))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors bytes with the header's metadata in sorted order: the library writes that map in its process's
+    hash order (the same weights gave other bytes run to run); the tensors' entries keep their (sorted) order."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as the library pads it
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def _decode(v: str) -> Any:
