@@ -83,6 +83,9 @@ def test_all_built_exits_zero(tmp_path, monkeypatch, capsys):
     assert main(["report"]) == 0
     out = capsys.readouterr().out
     assert "FAILED" not in out and "max_seconds" not in out
+    from fxassets.core.machine import cpu_info
+
+    assert f"latencies measured on: {cpu_info()['model']}" in out  # the run log's machine, beside its figures
     assert "3.40 (6.00)" in out.splitlines()[2]  # int8 (fp32) ms, from the mobile_model stage's run log
     # a training cut short by a user's wall-clock cap is said under the table
     m = EffectPaths(root, "sketch").train_metrics
