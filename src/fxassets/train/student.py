@@ -136,6 +136,19 @@ def inference_form(model: nn.Module) -> nn.Module:
     return out
 
 
+GREY = (0.299, 0.587, 0.114)  # Rec. 601 luma: the grey of a pencil sketch teacher
+
+
+def make_grey(model: "Student") -> None:
+    """Fix the output colour map to the grey projection (every channel = luma) and freeze it: the student's
+    output is grey for any input colour, exactly (a grey teacher's student cannot learn a capture's colours), and
+    starts as the grey input (the identity, less its colour)."""
+    with torch.no_grad():
+        model.colour.weight.copy_(torch.tensor(GREY).repeat(3, 1)[:, :, None, None])
+        model.colour.bias.zero_()
+    model.colour.requires_grad_(False)
+
+
 def fold_colour(model: "Student") -> None:
     """M (x + delta) + b == (M x + b) + M delta: the output colour map moved into the head's last conv (whose 12
     channels are pixel_shuffle's colour c, sub-pixel i at c * 4 + i), leaving a 1x1 conv of the input."""
