@@ -1,7 +1,10 @@
-"""Latency: median wall-clock of ORT CPU sessions, sequential, a fixed thread count, measured side by side."""
+"""Latency: median wall-clock (or CPU time) of ORT CPU sessions, sequential, a fixed thread count, measured side by
+side; and the per-operator profile of one (onnxruntime's profiler)."""
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,13 +15,20 @@ from fxassets.export.session import onnx_session, run_model
 
 
 def latency_compare(paths: Mapping[str, str | Path], threads: int = 1, runs: int = 50, warmup: int = 10,
-                    rounds: int = 5) -> dict[str, float]:
+                    rounds: int = 5, clock: str = "wall") -> dict[str, float]:
     """Median ms per `sess.run` of each ONNX model, measured side by side in this process.
 
     ORT CPU, `intra_op_num_threads=threads`, sequential execution, full graph optimization, a fixed random
     input of the model's (static) input shape.  After `warmup` runs each, the models take turns in `rounds`
     blocks, so that load from other processes hits them alike; each model gets at least `runs` timed runs.
+    `clock` "wall" (perf_counter) or "cpu": the calling thread's CPU time, which leaves out the time other
+    processes hold the core (1 thread only: ORT then computes on the calling thread).
     """
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"latency: clock must be 'wall' or 'cpu', got {clock!r}")
+    if clock == "cpu" and threads != 1:
+        raise ValueError("latency: clock 'cpu' measures the calling thread: threads must be 1")
+    now = time.perf_counter if clock == "wall" else time.thread_time
     if runs < 1:
         raise ValueError("latency: runs must be >= 1")
     sessions, inputs, times = {}, {}, {}
@@ -37,12 +47,42 @@ def latency_compare(paths: Mapping[str, str | Path], threads: int = 1, runs: int
         for name, sess in sessions.items():
             x = inputs[name]
             for _ in range(per_round):
-                t = time.perf_counter()
+                t = now()
                 run_model(sess, x)
-                times[name].append(time.perf_counter() - t)
+                times[name].append(now() - t)
     return {name: float(np.median(t) * 1e3) for name, t in times.items()}
 
 
 def latency_ms(onnx_path: Path, threads: int = 1, runs: int = 50, warmup: int = 10) -> float:
     """Median ms of one ORT CPU run (intra_op_num_threads=`threads`, sequential) after `warmup` runs."""
     return latency_compare({"model": onnx_path}, threads=threads, runs=runs, warmup=warmup, rounds=1)["model"]
+
+
+def op_profile(onnx_path: str | Path, threads: int = 1, runs: int = 30, warmup: int = 10) -> dict[str, float]:
+    """ms per run spent in each operator type (after ORT's graph optimizations: QLinearConv, Resize, ...), from
+    onnxruntime's profiler: per node the median over `runs` runs after `warmup` (robust to a busy machine's
+    outliers), summed per operator type, largest first; "total" is their sum."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    so.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="fxassets-profile-") as tmp:
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).random(sess.get_inputs()[0].shape, dtype=np.float32)
+        for _ in range(warmup + runs):
+            run_model(sess, x)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    nodes: dict[str, tuple[str, list[float]]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            nodes.setdefault(e["name"], (e["args"]["op_name"], []))[1].append(e["dur"] / 1e3)
+    ops: dict[str, float] = {}
+    for op, durations in nodes.values():
+        ops[op] = ops.get(op, 0.0) + float(np.median(durations[warmup:] or durations))
+    out = {op: round(ms, 4) for op, ms in sorted(ops.items(), key=lambda kv: -kv[1])}
+    return {**out, "total": round(sum(ops.values()), 4)}
