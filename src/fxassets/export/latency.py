@@ -8,15 +8,16 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fxassets.export.session import onnx_session, run_model
 
 
-def latency_compare(paths: Mapping[str, str | Path], threads: int = 1, runs: int = 50, warmup: int = 10,
+def latency_compare(paths: Mapping[str, Any], threads: int = 1, runs: int = 50, warmup: int = 10,
                     rounds: int = 5, clock: str = "wall") -> dict[str, float]:
-    """Median ms per `sess.run` of each ONNX model, measured side by side in this process.
+    """Median ms per `sess.run` of each ONNX model (a path, or an ORT session), measured side by side in this process.
 
     ORT CPU, `intra_op_num_threads=threads`, sequential execution, full graph optimization, a fixed random
     input of the model's (static) input shape.  After `warmup` runs each, the models take turns in `rounds`
@@ -33,7 +34,7 @@ def latency_compare(paths: Mapping[str, str | Path], threads: int = 1, runs: int
         raise ValueError("latency: runs must be >= 1")
     sessions, inputs, times = {}, {}, {}
     for name, p in paths.items():
-        sess = onnx_session(p, threads)
+        sess = p if hasattr(p, "run") else onnx_session(p, threads)  # a path, or a session built elsewhere
         shape = sess.get_inputs()[0].shape
         if not all(isinstance(d, int) for d in shape):
             raise ValueError(f"{p}: latency needs a static input shape, got {shape}")
@@ -58,12 +59,15 @@ def latency_ms(onnx_path: Path, threads: int = 1, runs: int = 50, warmup: int = 
     return latency_compare({"model": onnx_path}, threads=threads, runs=runs, warmup=warmup, rounds=1)["model"]
 
 
-def op_profile(onnx_path: str | Path, threads: int = 1, runs: int = 30, warmup: int = 10) -> dict[str, float]:
-    """ms per run spent in each operator type (after ORT's graph optimizations: QLinearConv, Resize, ...), from
+def op_profile(onnx_path: str | Path, threads: int = 1, runs: int = 30, warmup: int = 10, by: str = "op") -> dict[str, float]:
+    """ms per run spent in each operator type (after ORT's graph optimizations: QLinearConv, Resize, ...) or, with
+    `by` "resolution", at each output resolution ("128x128": the nodes writing a 128 x 128 map, either layout), from
     onnxruntime's profiler: per node the median over `runs` runs after `warmup` (robust to a busy machine's
-    outliers), summed per operator type, largest first; "total" is their sum."""
+    outliers), summed, largest first; "total" is their sum."""
     import onnxruntime as ort
 
+    if by not in ("op", "resolution"):
+        raise ValueError(f"op_profile: by must be 'op' or 'resolution', got {by!r}")
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -80,9 +84,20 @@ def op_profile(onnx_path: str | Path, threads: int = 1, runs: int = 30, warmup: 
     nodes: dict[str, tuple[str, list[float]]] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            nodes.setdefault(e["name"], (e["args"]["op_name"], []))[1].append(e["dur"] / 1e3)
+            key = e["args"]["op_name"] if by == "op" else _resolution(e["args"].get("output_type_shape") or [{}])
+            nodes.setdefault(e["name"], (key, []))[1].append(e["dur"] / 1e3)
     ops: dict[str, float] = {}
     for op, durations in nodes.values():
         ops[op] = ops.get(op, 0.0) + float(np.median(durations[warmup:] or durations))
     out = {op: round(ms, 4) for op, ms in sorted(ops.items(), key=lambda kv: -kv[1])}
     return {**out, "total": round(sum(ops.values()), 4)}
+
+
+def _resolution(shapes: list[dict[str, list[int]]]) -> str:
+    """"HxW" of a node's first output: the two equal adjacent sizes of a 4-d NCHW or NHWC shape (square inputs)."""
+    shape = next(iter(shapes[0].values()), []) if shapes else []
+    if len(shape) == 4:
+        for h, w in ((shape[2], shape[3]), (shape[1], shape[2])):
+            if h == w:
+                return f"{h}x{w}"
+    return "other"
