@@ -224,6 +224,20 @@ def test_quantize_other_methods(fp32_model, tmp_path, method):
     assert info["method"] == method and info["ops"]["QuantizeLinear"] > 0
 
 
+def test_quantize_format_and_types_for_comparison(fp32_model, tmp_path):
+    """The pipeline's choices are the defaults (QDQ: no QLinearConv in the file); QOperator, s8 activations and
+    per-tensor weights are options for comparing them."""
+    path, _ = fp32_model
+    qdq = quantize_int8(path, tmp_path / "qdq.onnx", _inputs(2, 2))
+    qop = quantize_int8(path, tmp_path / "qop.onnx", _inputs(2, 2), quant_format="qoperator", per_channel=False)
+    assert "QLinearConv" not in qdq["ops"] and qop["ops"]["QLinearConv"] > 0 and qop["per_channel"] is False
+    quantize_int8(path, tmp_path / "s8.onnx", _inputs(2, 2), activations="s8")
+    kinds = {i.data_type for i in onnx.load(str(tmp_path / "s8.onnx")).graph.initializer if i.name.endswith("zero_point")}
+    assert onnx.TensorProto.INT8 in kinds and onnx.TensorProto.UINT8 not in kinds  # (and int32 for the biases)
+    with pytest.raises(ValueError, match="quant_format"):
+        quantize_int8(path, tmp_path / "x.onnx", _inputs(1, 2), activations="u16")
+
+
 def test_quantize_exclusions_keep_se_and_hard_ops_float(fp32_model, tmp_path):
     path, _ = fp32_model
     counts = {}
@@ -445,6 +459,13 @@ def test_latency_ms(fp32_model):
     assert 0.0 < ms < 1000.0
     both = ex_latency.latency_compare({"a": path, "b": path}, runs=4, warmup=1, rounds=2)
     assert set(both) == {"a", "b"}
+    cpu = ex_latency.latency_compare({"a": path}, runs=4, warmup=1, clock="cpu")  # this thread's CPU time
+    assert 0.0 < cpu["a"] < 1000.0
+    with pytest.raises(ValueError, match="threads must be 1"):
+        ex_latency.latency_compare({"a": path}, threads=2, runs=2, clock="cpu")
+    ops = ex_latency.op_profile(path, runs=3, warmup=1)  # onnxruntime's profiler, per operator type
+    assert "Conv" in ops and all(v >= 0 for v in ops.values())
+    assert ops["total"] == pytest.approx(sum(v for k, v in ops.items() if k != "total"), abs=1e-3)
 
 
 def test_make_grid_layout():
