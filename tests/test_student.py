@@ -326,7 +326,7 @@ def test_output_colour_map_starts_as_identity_folds_exactly_and_makes_grey_from_
 
 
 def test_a_grey_teacher_gets_a_student_whose_output_is_grey_for_any_colour(tmp_path):
-    """train.grey_output: auto: every target grey (a pencil sketch) -> the output colour map is the fixed grey
+    """train.grey_output: auto (opt-in): every target grey (a pencil sketch) -> the output colour map is the fixed grey
     projection, so the student's output is grey for inputs of any colour, not only the studio's; a colour teacher
     keeps a colour student.  The exported int8 model keeps it too."""
     def grey_teacher(rgb: np.ndarray) -> np.ndarray:
@@ -334,12 +334,12 @@ def test_a_grey_teacher_gets_a_student_whose_output_is_grey_for_any_colour(tmp_p
         return np.repeat((255 - g // 2)[..., None], 3, axis=2)
 
     grey_pairs = make_pairs(tmp_path / "grey", teacher=grey_teacher)
-    metrics = run(grey_pairs, tmp_path / "g", tiny_cfg())
+    metrics = run(grey_pairs, tmp_path / "g", tiny_cfg(grey_output="auto"))
     assert metrics["grey_output"] is True
     model, _ = load_student(tmp_path / "g" / "student.safetensors")
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         y = model(x)
     assert (y - y.mean(1, keepdim=True)).abs().max() < 1e-5 and not torch.equal(y, x)
-    assert run(make_pairs(tmp_path / "colour"), tmp_path / "c", tiny_cfg())["grey_output"] is False
+    assert run(make_pairs(tmp_path / "colour"), tmp_path / "c", tiny_cfg(grey_output="auto"))["grey_output"] is False
     assert run(grey_pairs, tmp_path / "off", tiny_cfg(grey_output=False))["grey_output"] is False
