@@ -15,6 +15,7 @@ push sends what is missing. The error is one line naming the remote.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,18 +52,18 @@ def _uncached_objects(repo, targets: list[str]) -> set:
 
 
 def push(root: Path, targets: list[str] | None = None, remote: str | None = None) -> PushReport:
-    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     targets = list(targets or [])
-    with Repo(str(root)) as repo:
+    with contextlib.chdir(root), Repo(".") as repo:  # DVC resolves STAGE@EFFECT against the working directory
         where = remote_url(repo, remote)
         try:
             pushed = repo.push(targets=targets or None, remote=remote, run_cache=True)
             with repo.lock:
                 extra = repo.cloud.push(_uncached_objects(repo, targets), remote=remote)
-        except DvcException as exc:
-            raise RemoteError(f"push to {where} failed: {exc}; nothing is lost here (the outputs are in "
+        except Exception as exc:  # noqa: BLE001 - DVC, s3fs and botocore each raise their own: one line naming the remote
+            why = str(exc) if type(exc).__module__.startswith("dvc") else f"{type(exc).__name__}: {exc}"
+            raise RemoteError(f"push to {where} failed ({why}); nothing is lost here (the outputs are in "
                               f"{repo.cache.local.path}): push again when the remote is back") from exc
         if extra.failed:
             raise RemoteError(f"push to {where} failed for {len(extra.failed)} `cache: false` outputs; nothing is "

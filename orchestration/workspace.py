@@ -52,8 +52,7 @@ def _git(*args: str, cwd: Path | None = None) -> str:
 
 def head_commit(root: Path) -> str:
     """HEAD of the checkout at `root`, refusing uncommitted changes to tracked files (a workspace would not see them)."""
-    changed = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no", cwd=root).splitlines()
-               if line[3:] != "dvc.lock"]
+    changed = [f for f in _git("diff", "--name-only", "HEAD", cwd=root).splitlines() if f != "dvc.lock"]
     if changed:
         raise DvcError(f"{root}: uncommitted changes to {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}: "
                        "workspace mode builds commits; commit them, or pin one with the run tag fxassets/commit")
