@@ -6,7 +6,8 @@
   - `workspace` (several machines): in a fresh clone at the run's pinned commit (`workspace.py`): inputs pulled
     from the DVC remote, the stage run or restored, outputs and run-cache pushed. Only the remote and the Dagster
     instance are shared, so two steps (two effects, or two machines) never share a workspace. The run's commit
-    is its tag `fxassets/commit`, else the checkout's HEAD when its first step starts (uncommitted changes refused).
+    is its tag `fxassets/commit`, else $FXASSETS_COMMIT, else the checkout's HEAD when its first step starts
+    (uncommitted changes refused): on several machines, tag the run (or bake $FXASSETS_COMMIT into the image).
     $FXASSETS_REPO: the git repository to clone (default: the project folder); $FXASSETS_REMOTE: the DVC remote
     (default: the default remote in .dvc/config); $FXASSETS_WORKSPACES: where workspaces go (default: a folder in
     the temp dir, beside the DVC cache they share).
@@ -120,10 +121,11 @@ class DvcProject(ConfigurableResource):
         )
 
     def pinned_commit(self, instance, run_id: str, tags: dict[str, str]) -> str:
-        """The run's commit: its tag `fxassets/commit`, else HEAD of the checkout, recorded as that tag by the first
-        step (so every step of the run builds the same commit)."""
+        """The run's commit: its tag `fxassets/commit`, else $FXASSETS_COMMIT (an image's own commit), else HEAD of the
+        checkout; recorded as that tag by the first step, so every step of the run builds the same commit."""
         if COMMIT_TAG not in tags:
-            instance.add_run_tags(run_id, {COMMIT_TAG: workspace.head_commit(self.path)})
+            commit = os.environ.get("FXASSETS_COMMIT") or workspace.head_commit(self.path)
+            instance.add_run_tags(run_id, {COMMIT_TAG: commit})
             tags = instance.get_run_by_id(run_id).tags
         return tags[COMMIT_TAG]
 

@@ -66,6 +66,13 @@ def test_mode_and_executor_settings_are_checked(tmp_path):
     assert make_resources(tmp_path, "workspace")["dvc"].mode == "workspace"
 
 
+def test_celery_worker_yaml_is_the_executor_config():
+    from orchestration.resources import CELERY_CONFIG
+
+    worker = yaml.safe_load((REPO / "orchestration" / "celery.yaml").read_text())
+    assert worker["execution"]["config"] == CELERY_CONFIG
+
+
 def test_k8s_executor_config_is_valid():
     pytest.importorskip("dagster_k8s", reason="dagster-k8s is not installed (no release for dagster 1.13.28 yet: docs/scale.md)")
     from dagster._config import validate_config
