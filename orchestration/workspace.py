@@ -16,6 +16,7 @@ DVC cache, and two steps in one checkout would fight over DVC's repo lock. So ea
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -101,7 +102,7 @@ def workspace(settings: Settings, commit: str, label: str, log: Callable[[str], 
 def build(ws: Path, stage: str, effect: str, log: Callable[[str], None] | None = None) -> ReproResult:
     """Restore the inputs, run (or restore) STAGE@EFFECT, push it: in the workspace `ws`."""
     name = f"{stage}@{effect}"
-    env = {ONLY_STAGE_ENV: name, "PYTHONPATH": f"{ws / 'src'}:{ws}"}  # the pinned commit's library, not the installed one
+    env = {ONLY_STAGE_ENV: name, "PYTHONPATH": os.pathsep.join([str(ws / "src"), str(ws)])}  # the commit's library
     try:
         result = dvc_runner.repro(ws, stage, effect, log, lock=False, pull=True, env=env)
     except DvcError as exc:
