@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := False
 export DAGSTER_HOME ?= $(abspath .dagster_home)
 PYTEST_ARGS ?=
 
-.PHONY: setup run test ui bench clean remote push pull
+.PHONY: setup run test ui bench exps clean remote push pull
 
 # The pinned stack (constraints.txt): torch 2.14.1 + torchvision 0.29.1, dvc 3.67.1 and dagster 1.13.28 side by side.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -62,6 +62,11 @@ ui: setup
 
 bench: setup
 	fxassets bench
+
+# `dvc exp show` readable: the params that differ between the experiments and the figures that moved (metrics/),
+# without the dependency md5 columns (README, "Experiments")
+exps: setup
+	dvc exp show --only-changed --drop '.*/'
 
 clean:
 	rm -rf data/prompts data/teacher_images data/face_pairs data/student data/mobile

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     from fxassets.evaluation import build_pairs
     from fxassets.export.stage import ParityError, export_mobile
     from fxassets.core.paths import EffectPaths
+    from fxassets.core.runlog import read_run_log
     from fxassets.train.loop import train_student
 
 
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--checkpoint-from-pipeline", action="store_true",
                     help="no training: measure the built data/mobile/E/student.int8.onnx")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--keep", type=Path, help="copy each run's checkpoint and int8 model to KEEP/<variant>-<effect>/")
     args = ap.parse_args(argv)
 
     params = load_params(args.params)
@@ -120,7 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
             with tempfile.TemporaryDirectory(prefix=f"gen-{effect}-") as tmp:
                 tmp = Path(tmp)
                 if args.checkpoint_from_pipeline:
-                    model, report = paths.onnx_int8, json.loads(paths.mobile_report.read_text())
+                    # the built report, its latencies from the stage's run log (report.json holds no clock)
+                    report = {**json.loads(paths.mobile_report.read_text()), **read_run_log(root, "mobile_model", effect)}
+                    model = paths.onnx_int8
                     train_metrics = json.loads(paths.train_metrics.read_text())
                 else:
                     cfg = TrainConfig.model_validate(_merge(params.train_for(effect).model_dump(), over))
@@ -135,9 +139,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                mobile / "student.onnx", mobile / "student.int8.onnx",
                                                mobile / "grid.png", mobile / "report.json", progress=False,
                                                effect=effect)
-                    except ParityError:
-                        report = json.loads((mobile / "report.json").read_text())
+                    except ParityError as exc:
+                        report = exc.report  # report.json holds no latency
                     model = mobile / "student.int8.onnx"
+                if args.keep and not args.checkpoint_from_pipeline:
+                    import shutil
+
+                    shutil.copytree(tmp, args.keep / f"{name}-{effect}", dirs_exist_ok=True)
                 run = {"variant": name, "effect": effect, "overrides": over, "steps": train_metrics.get("steps"),
                        "parity_psnr_db": report["parity_psnr_db"], "int8_ms_1t": report["int8_ms_1t"],
                        "fp32_ms_1t": report["fp32_ms_1t"], "sets": {}}

@@ -10,8 +10,9 @@ Where the params a stage lists go (a source asset exists only when some stage re
 * `teacher`, `effects.<effect>.teacher`                -> observable source asset `teacher_config` (per effect)
 * `quality`, `effects.<effect>.quality`                -> observable source asset `quality_config` (per effect)
 * `export`, `effects.<effect>.export`                  -> observable source asset `export_config` (per effect)
+* `train`, `effects.<effect>.train`                    -> observable source asset `train_config` (per effect)
 * the other `effects.<effect>.*` params                -> observable source asset `effect_config` (per effect)
-* every other param (`faces.crop_size`, `train`, ...) and the stage's code deps (`src/...`)
+* every other param (`faces.crop_size`, `faces.margin`, ...) and the stage's code deps (`src/...`)
   -> the asset's `code_version` (fixed when the definitions load: reload them after editing those)
 
 Sections with per-effect overrides are sources, read from params.yaml whenever they are observed; a per-effect
@@ -40,12 +41,13 @@ ROOT_ENV = "FXASSETS_ROOT"
 STAGE_ORDER = STAGES  # fxassets.core.paths: one stage list
 EFFECT_KEY = "${key}"
 SOURCE_FACES, TEACHER_CONFIG, QUALITY_CONFIG, EFFECT_CONFIG = "source_faces", "teacher_config", "quality_config", "effect_config"
-EXPORT_CONFIG = "export_config"
+EXPORT_CONFIG, TRAIN_CONFIG = "export_config", "train_config"
 # per-effect param sources and the param names they claim (this prefix or below); the first match wins
 PARAM_SOURCES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (TEACHER_CONFIG, ("teacher", f"effects.{EFFECT_KEY}.teacher")),
     (QUALITY_CONFIG, ("quality", f"effects.{EFFECT_KEY}.quality")),
     (EXPORT_CONFIG, ("export", f"effects.{EFFECT_KEY}.export")),
+    (TRAIN_CONFIG, ("train", f"effects.{EFFECT_KEY}.train")),
     (EFFECT_CONFIG, (f"effects.{EFFECT_KEY}",)),
 )
 SOURCES = (SOURCE_FACES, *(name for name, _ in PARAM_SOURCES))
@@ -55,7 +57,8 @@ SOURCE_DESCRIPTIONS = {
     TEACHER_CONFIG: "per effect: params `teacher` + `effects.<effect>.teacher` (a teacher swap changes every effect)",
     QUALITY_CONFIG: "per effect: params `quality` + `effects.<effect>.quality` (the pair quality gate's bounds)",
     EXPORT_CONFIG: "per effect: params `export` + `effects.<effect>.export` (quantization and the int8 parity bound)",
-    EFFECT_CONFIG: "per effect: the effect's own params (prompt, negative prompt, samples, seed, train overrides)",
+    TRAIN_CONFIG: "per effect: params `train` + `effects.<effect>.train` (the student and its training recipe)",
+    EFFECT_CONFIG: "per effect: the effect's own params (prompt, negative prompt, samples, seed)",
 }
 _IGNORED_CODE_FILES = re.compile(r"(^|/)(__pycache__|\.ipynb_checkpoints)(/|$)|\.py[co]$")
 _INTERP = re.compile(r"\$\{([^}]+)\}")

@@ -1,7 +1,8 @@
 """What each stage left behind, as plain values for an asset's metadata (no Dagster imports here).
 
 Read from the stage's output files, not from its stdout: when DVC restores a stage from its run-cache the stage
-does not run, but the files are the same."""
+does not run, but the files are the same. The timings are not in those files (the same inputs give the same bytes):
+they come from the stage's run log (fxassets.core.runlog), that of its last run here."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fxassets.core.paths import EffectPaths
+from fxassets.core.runlog import read_run_log
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,12 @@ def _numbers(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _run(p: EffectPaths, stage: str, *keys: str) -> dict[str, Any]:
+    """The timings of the stage's last run: from its run log, never from its outputs (fxassets.core.runlog)."""
+    log = read_run_log(p.root, stage, p.effect)
+    return {k: log[k] for k in keys if k in log}
+
+
 def prompts(p: EffectPaths) -> dict[str, Any]:
     recs = _jsonl(p.prompts)
     out: dict[str, Any] = {"samples": len(recs), "people": len({r.get("person_id") for r in recs})}
@@ -81,10 +89,9 @@ def teacher_images(p: EffectPaths) -> dict[str, Any]:
     recs = _jsonl(p.teacher_records)
     fp = _json(p.teacher_dir / "teacher.json")
     ok = sum(r.get("status") == "ok" for r in recs)
-    secs = [r.get("seconds", 0.0) for r in recs]
     return {
         "samples": len(recs), "ok": ok, "errors": len(recs) - ok,
-        "seconds_per_sample": round(sum(secs) / max(1, len(secs)), 4),
+        **_run(p, "teacher_images", "seconds_per_sample", "computed", "cached"),
         "teacher_fingerprint": fp.get("hash", ""),
         "teacher": fp,
     }
@@ -111,7 +118,8 @@ def _pair_strip(p: EffectPaths, n: int = 4) -> str | None:
 def face_pairs(p: EffectPaths) -> dict[str, Any]:
     s = _json(p.pairs_dir / "summary.json")
     reasons = s.get("rejected_by_reason") or {}
-    out: dict[str, Any] = {k: s[k] for k in ("pairs", "kept", "rejected", "train_pairs", "heldout_pairs", "seconds_per_pair") if k in s}
+    out: dict[str, Any] = {k: s[k] for k in ("pairs", "kept", "rejected", "train_pairs", "heldout_pairs") if k in s}
+    out.update(_run(p, "face_pairs", "seconds_per_pair"))
     out["rejected_by_reason"] = Table(
         (("reason", "string"), ("pairs", "int")),
         tuple({"reason": r, "pairs": int(c)} for r, c in sorted(reasons.items(), key=lambda kv: -kv[1])),
@@ -168,7 +176,7 @@ def _curve_png(rows: list[dict[str, Any]]) -> str | None:
 
 def student_checkpoint(p: EffectPaths) -> dict[str, Any]:
     metrics = _json(p.train_metrics)
-    out: dict[str, Any] = _numbers(metrics)
+    out: dict[str, Any] = {**_numbers(metrics), **_run(p, "student_checkpoint", "train_seconds", "resumed_from_step")}
     if p.checkpoint.is_file():
         out["checkpoint_bytes"] = p.checkpoint.stat().st_size
     rows = _curve(p.train_curve)
@@ -185,7 +193,8 @@ def student_checkpoint(p: EffectPaths) -> dict[str, Any]:
 
 def mobile_model(p: EffectPaths) -> dict[str, Any]:
     report = _json(p.mobile_report)
-    out: dict[str, Any] = _numbers(report)
+    out: dict[str, Any] = {**_numbers(report), **_run(p, "mobile_model", "fp32_ms_1t", "int8_ms_1t", "ort_ms_1t",
+                                                       "int8_speedup_1t")}
     for f in (p.onnx_fp32, p.onnx_int8):
         if f.is_file() and f"{'int8' if 'int8' in f.name else 'fp32'}_bytes" not in out:
             out[f"{'int8' if 'int8' in f.name else 'fp32'}_bytes"] = f.stat().st_size

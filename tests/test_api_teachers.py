@@ -459,7 +459,7 @@ def test_retries_run_out_and_fatal_answers_stop_the_run(tmp_path, api):
 def test_an_api_that_gives_up_is_one_line_naming_the_teacher_and_the_sample(tmp_path, api, monkeypatch, capsys):
     from fxassets.cli.main import main
 
-    teacher = imagen(api.url, max_retries=1, concurrency=1)
+    teacher = gemini(api.url, max_retries=1, concurrency=1)
     run_stage("teacher_images", project(tmp_path, teacher, n=2)[1], "fx", tmp_path, progress=False)
     root, params = project(tmp_path, teacher, n=3)  # a third face: the one the API gives up on
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
@@ -467,7 +467,7 @@ def test_an_api_that_gives_up_is_one_line_naming_the_teacher_and_the_sample(tmp_
     monkeypatch.chdir(root)
     assert main(["stage", "teacher_images", "--effect", "fx", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("fxassets: error: sample faces_002: imagen: gave up after 2 attempts (HTTP 503") and "\n" not in err
+    assert err.startswith("fxassets: error: sample faces_002: gemini-image: gave up after 2 attempts (HTTP 503") and "\n" not in err
     assert "the samples finished before it are cached" in err
     n = len(api.requests)
     api.faults = []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -222,6 +224,20 @@ def test_quantize_other_methods(fp32_model, tmp_path, method):
     assert info["method"] == method and info["ops"]["QuantizeLinear"] > 0
 
 
+def test_quantize_format_and_types_for_comparison(fp32_model, tmp_path):
+    """The pipeline's choices are the defaults (QDQ: no QLinearConv in the file); QOperator, s8 activations and
+    per-tensor weights are options for comparing them."""
+    path, _ = fp32_model
+    qdq = quantize_int8(path, tmp_path / "qdq.onnx", _inputs(2, 2))
+    qop = quantize_int8(path, tmp_path / "qop.onnx", _inputs(2, 2), quant_format="qoperator", per_channel=False)
+    assert "QLinearConv" not in qdq["ops"] and qop["ops"]["QLinearConv"] > 0 and qop["per_channel"] is False
+    quantize_int8(path, tmp_path / "s8.onnx", _inputs(2, 2), activations="s8")
+    kinds = {i.data_type for i in onnx.load(str(tmp_path / "s8.onnx")).graph.initializer if i.name.endswith("zero_point")}
+    assert onnx.TensorProto.INT8 in kinds and onnx.TensorProto.UINT8 not in kinds  # (and int32 for the biases)
+    with pytest.raises(ValueError, match="quant_format"):
+        quantize_int8(path, tmp_path / "x.onnx", _inputs(1, 2), activations="u16")
+
+
 def test_quantize_exclusions_keep_se_and_hard_ops_float(fp32_model, tmp_path):
     path, _ = fp32_model
     counts = {}
@@ -403,6 +419,20 @@ def test_convert_to_ort_matches_int8(fp32_model, tmp_path):
         ex_ort.convert_to_ort(tmp_path / "nope.onnx", tmp_path / "nope.ort")
 
 
+def test_convert_to_ort_writes_the_same_bytes_in_every_process(fp32_model, tmp_path):
+    """onnxruntime writes the .ort's kernel type string resolver in its process's hash order (absl seeds it per
+    process); convert_to_ort writes it in one order (canonical_ort)."""
+    path, _ = fp32_model
+    int8 = tmp_path / "m.int8.onnx"
+    quantize_int8(path, int8, _inputs(2, 2))
+    code = "import sys; from fxassets.export.ort_format import convert_to_ort; convert_to_ort(sys.argv[1], sys.argv[2])"
+    files = [tmp_path / f"{i}.ort" for i in range(3)]
+    for f in files:
+        subprocess.run([sys.executable, "-c", code, str(int8), str(f)], check=True, capture_output=True)
+    assert len({f.read_bytes() for f in files}) == 1
+    assert ex_ort.canonical_ort(files[0].read_bytes()) == files[0].read_bytes()
+
+
 def test_bad_calibration_hurts_parity(fp32_model, tmp_path):
     """Calibrating on black frames only clips every real activation: parity collapses."""
     path, _ = fp32_model
@@ -429,6 +459,13 @@ def test_latency_ms(fp32_model):
     assert 0.0 < ms < 1000.0
     both = ex_latency.latency_compare({"a": path, "b": path}, runs=4, warmup=1, rounds=2)
     assert set(both) == {"a", "b"}
+    cpu = ex_latency.latency_compare({"a": path}, runs=4, warmup=1, clock="cpu")  # this thread's CPU time
+    assert 0.0 < cpu["a"] < 1000.0
+    with pytest.raises(ValueError, match="threads must be 1"):
+        ex_latency.latency_compare({"a": path}, threads=2, runs=2, clock="cpu")
+    ops = ex_latency.op_profile(path, runs=3, warmup=1)  # onnxruntime's profiler, per operator type
+    assert "Conv" in ops and all(v >= 0 for v in ops.values())
+    assert ops["total"] == pytest.approx(sum(v for k, v in ops.items() if k != "total"), abs=1e-3)
 
 
 def test_make_grid_layout():
@@ -460,10 +497,12 @@ def test_export_mobile_writes_everything(tmp_path, patched_student):
     assert on_disk["parity_psnr_db"] >= 30.0 and on_disk["parity_ok"]
     assert on_disk["fp32_bytes"] == p["onnx_fp32"].stat().st_size
     assert on_disk["int8_bytes"] == p["onnx_int8"].stat().st_size
-    assert on_disk["fp32_ms_1t"] > 0 and on_disk["int8_ms_1t"] > 0
+    assert report["fp32_ms_1t"] > 0 and report["int8_ms_1t"] > 0 and report["cpu"]["model"]  # the run's figures:
+    assert not {"fp32_ms_1t", "int8_ms_1t", "ort_ms_1t", "cpu"} & set(on_disk)  # returned, not in the output
+    assert "quantize_s" not in on_disk["quant"] and "convert_s" not in on_disk["ort"]
     assert 0 < on_disk["identity_psnr_db"] < 100
     assert report["parity_psnr_db"] == pytest.approx(on_disk["parity_psnr_db"])
-    assert on_disk["ort_bytes"] == ort_file.stat().st_size and on_disk["ort_ms_1t"] > 0
+    assert on_disk["ort_bytes"] == ort_file.stat().st_size and report["ort_ms_1t"] > 0
     assert on_disk["ort_vs_int8_max_abs_diff"] < 1e-5 and on_disk["ort_parity_psnr_db"] >= 30.0
     assert len(on_disk["float_fallback"]["rounds"]) == 1 and on_disk["nodes_in_float"] == []
     grid = read_png_rgb(p["grid_png"])
@@ -474,10 +513,11 @@ def test_export_mobile_parity_error_still_writes_report(tmp_path, patched_studen
     pairs = make_pairs(tmp_path / "pairs", train_people=2, heldout_people=1, per_person=1)
     p = stage_paths(tmp_path)
     cfg = ExportConfig(calibration_samples=2, latency_runs=1, min_parity_db=99.0)
-    with pytest.raises(ParityError, match=r"parity PSNR .* below export.min_parity_db = 99.00 dB"):
+    with pytest.raises(ParityError, match=r"parity PSNR .* below export.min_parity_db = 99.00 dB") as exc:
         export_mobile(patched_student, pairs, cfg, progress=False, **p)
     report = json.loads(p["report_json"].read_text())
     assert report["parity_ok"] is False and report["min_parity_db"] == 99.0
+    assert exc.value.report["parity_ok"] is False and exc.value.report["int8_ms_1t"] > 0  # with the run's figures
 
 
 def test_export_mobile_float_fallback_passes_the_gate(tmp_path, patched_wide_narrow):

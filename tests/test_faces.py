@@ -15,7 +15,7 @@ from conftest import png_header
 from fxassets.cli import detect as detect_cli
 from fxassets.faces.detect import Face, FaceDetector, select_face
 from fxassets.faces.align import align_matrix, invert_matrix, similarity, template, warp_aligned
-from fxassets.faces.composite import composite, face_mask
+from fxassets.faces.composite import composite, face_mask, mask_u8
 from fxassets.core.images import read_rgb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -346,6 +346,26 @@ def test_composite_of_a_face_partly_outside_the_frame(detector):
     assert np.any(out != frame) and np.array_equal(out[:300], frame[:300])
     off = M @ np.linalg.inv(np.array([[1, 0, 5000], [0, 1, 0], [0, 0, 1]], np.float64))  # entirely outside
     assert np.array_equal(composite(frame, np.zeros((256, 256, 3), np.uint8), off), frame)
+
+
+def test_composite_is_fixed_point_in_place_and_within_a_level_of_the_float_blend(detector):
+    frame = _webcam_frame()
+    M = align_matrix(only_face(detector, frame), 256)
+    effect = 255 - warp_aligned(frame, M, 256)
+    mask = face_mask(256)
+    # the float reference: warp the output and the mask back, blend in float
+    inv = cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR
+    face = cv2.warpAffine(effect, M, (1280, 720), flags=inv, borderMode=cv2.BORDER_REPLICATE).astype(np.float64)
+    alpha = cv2.warpAffine(mask_u8(mask), M, (1280, 720), flags=inv)[:, :, None] / 255.0
+    ref = np.clip(frame + alpha * (face - frame) + 0.5, 0, 255).astype(np.uint8)
+    out = composite(frame, effect, M, mask_u8(mask))
+    assert np.abs(out.astype(int) - ref).max() <= 1
+    assert np.array_equal(out[alpha[:, :, 0] == 0], frame[alpha[:, :, 0] == 0])  # where the mask is 0: the frame
+    assert np.array_equal(out, composite(frame, effect, M, mask))  # a float mask is the same mask
+    same = frame.copy()
+    assert composite(same, effect, M, mask, inplace=True) is same and np.array_equal(same, out)
+    gray = composite(frame[:, :, 0].copy(), effect, M, mask)  # a one-channel frame takes the output's first channel
+    assert np.abs(gray.astype(int) - ref[:, :, 0]).max() <= 1
 
 
 def test_select_face_and_json():

@@ -10,6 +10,7 @@ import yaml
 from fxassets.cli import main
 from fxassets.core.config import load_params
 from fxassets.core.paths import EffectPaths
+from fxassets.core.runlog import write_run_log
 from fxassets.cli.report import effect_rows, format_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +33,8 @@ def _built(root: Path, effect: str, parity: float, gate_passed: bool = True) -> 
         {"check": "pass_rate", "observed": 0.5, "passed": gate_passed, "rule": ">= 0.8"}]}))
     p.train_metrics.write_text(json.dumps({"heldout_psnr": 28.1, "heldout_ssim": 0.91, "identity_psnr": 17.4}))
     p.mobile_report.write_text(json.dumps({"parity_psnr_db": parity, "parity_ok": parity >= 38.0,
-                                           "min_parity_db": 38.0, "heldout_pairs": 12, "int8_ms_1t": 3.4,
-                                           "fp32_ms_1t": 6.0, "int8_psnr_db": 28.0}))
+                                           "min_parity_db": 38.0, "heldout_pairs": 12, "int8_psnr_db": 28.0}))
+    write_run_log(root, "mobile_model", effect, {"int8_ms_1t": 3.4, "fp32_ms_1t": 6.0})  # the latencies are the run's
 
 
 def test_a_failed_parity_gate_is_one_line_with_figure_bound_and_what_to_do(tmp_path, capsys, monkeypatch):
@@ -82,6 +83,10 @@ def test_all_built_exits_zero(tmp_path, monkeypatch, capsys):
     assert main(["report"]) == 0
     out = capsys.readouterr().out
     assert "FAILED" not in out and "max_seconds" not in out
+    from fxassets.core.machine import cpu_info
+
+    assert f"latencies measured on: {cpu_info()['model']}" in out  # the run log's machine, beside its figures
+    assert "3.40 (6.00)" in out.splitlines()[2]  # int8 (fp32) ms, from the mobile_model stage's run log
     # a training cut short by a user's wall-clock cap is said under the table
     m = EffectPaths(root, "sketch").train_metrics
     m.write_text(json.dumps({**json.loads(m.read_text()), "steps": 964, "planned_steps": 1600, "capped": True}))

@@ -73,5 +73,11 @@ def test_bench_reports_the_figures(built_project, tmp_path):
     for key in ("student_fp32_ms_1t", "student_int8_ms_1t", "student_fp32_ms_2t", "student_int8_ms_2t", "runtime_720p_ms_1t", "fp32_bytes", "int8_bytes"):
         assert doc[key] > 0, key
     assert doc["int8_bytes"] < doc["fp32_bytes"]
+    for key in ("student_int8_cpu_ms_1t", "runtime_720p_cpu_ms_1t", "runtime_720p_video_ms_1t", "runtime_720p_video_cpu_ms_1t"):
+        assert doc[key] > 0, key
+    assert doc["runtime_720p_video_breakdown_ms_1t"]["track"] > 0  # the clip is tracked between detections
+    assert "QLinearConv" in doc["student_int8_op_ms_1t"] and "Conv" in doc["student_fp32_op_ms_1t"]
+    tracking = doc["video_tracking"]
+    assert tracking["frames"] == 150 and tracking["frames_lost"] == 0 and tracking["refound_after_frames"] == [0]
     # the machine beside the figures: CPU model, the int8-relevant ISA extensions, the runtime version
     assert doc["cpu"]["model"] and isinstance(doc["cpu"]["isa"], list) and doc["cpu"]["onnxruntime"]

@@ -87,7 +87,7 @@ def test_three_stages_with_bad_inputs_never_crash(tmp_path):
     paths = EffectPaths(root, "fx")
     recs = {r["sample_id"]: r for r in read_jsonl(paths.teacher_records)}
     assert recs["zz_corrupt"]["status"] == "error" and "zz_corrupt.jpg" in recs["zz_corrupt"]["reason"]
-    assert recs["faces_000"]["status"] == "ok" and recs["faces_000"]["seconds"] > 0
+    assert recs["faces_000"]["status"] == "ok"
     assert recs["zz_huge"]["status"] == "error" and "image too large" in recs["zz_huge"]["reason"]
 
     df = pd.read_parquet(paths.manifest).set_index("sample_id")

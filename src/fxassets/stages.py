@@ -58,6 +58,14 @@ def stage_mobile_model(p: Params, effect: str, paths: EffectPaths, progress: boo
     )
 
 
+# The figures `dvc exp show` lists, per stage: a compact `metrics/<stage>/<effect>.json` keyed by the effect, so that
+# the columns read `cartoon.heldout_psnr` (README, "Experiments"); every figure stays in the stage's own
+# metrics.json / report.json, which are not DVC metrics (their per-pair lists and nested tables would fill the table).
+EXP_METRICS: dict[str, tuple[str, ...]] = {
+    "student_checkpoint": ("heldout_psnr", "heldout_ssim", "identity_psnr", "steps", "capped"),
+    "mobile_model": ("int8_psnr_db", "parity_psnr_db"),
+}
+
 STAGE_FUNCS: dict[str, Callable[[Params, str, EffectPaths, bool], dict[str, Any]]] = {
     "prompts": stage_prompts,
     "teacher_images": stage_teacher_images,
@@ -71,5 +79,14 @@ assert tuple(STAGE_FUNCS) == STAGES
 def run_stage(name: str, params: Params, effect: str, root: Path = Path("."), progress: bool = True) -> dict[str, Any]:
     if name not in STAGE_FUNCS:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    from fxassets.core.atomic import write_json
+    from fxassets.core.runlog import write_run_log
+
     params.effect(effect)  # fails early, naming the known effects
-    return STAGE_FUNCS[name](params, effect, EffectPaths(Path(root), effect), progress)
+    paths = EffectPaths(Path(root), effect)
+    summary = STAGE_FUNCS[name](params, effect, paths, progress)
+    if name in EXP_METRICS:
+        figures = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items() if k in EXP_METRICS[name]}
+        write_json(paths.exp_metrics(name), {effect: figures})
+    write_run_log(Path(root), name, effect, summary)  # the timings: outside the outputs (fxassets.core.runlog)
+    return summary

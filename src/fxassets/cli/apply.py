@@ -1,9 +1,14 @@
 """`fxassets apply`: run an effect on photos, a folder or a video, the way a phone would (detect, align, run,
-composite back), and print a per-frame timing summary. `--aligned` writes the aligned output crops instead."""
+composite back), and print a per-frame timing summary. `--aligned` writes the aligned output crops instead.
+
+A video is tracked: the face is detected on the first frame and whenever the track is lost, and followed from frame
+to frame in between (`fxassets.tracking`).  A frame that cannot be decoded mid-clip is replaced by the previous
+output frame (the clip keeps its length and timing) and counted in `frames_unreadable`."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -32,7 +37,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def make_runner(params, effect: str, engine: str, threads: int = 1, root: Path = Path(".")):
+def make_runner(params, effect: str, engine: str, threads: int = 1, root: Path = Path("."), track: bool = False):
     from fxassets.core.paths import EffectPaths
     from fxassets.runtime import EffectRunner
 
@@ -41,18 +46,22 @@ def make_runner(params, effect: str, engine: str, threads: int = 1, root: Path =
     if engine == "teacher":
         from fxassets.teachers import make_teacher
 
-        return EffectRunner(params.faces, "teacher", teacher=make_teacher(params.teacher, cfg.teacher))
+        return EffectRunner(params.faces, "teacher", teacher=make_teacher(params.teacher, cfg.teacher), track=track)
     model = paths.onnx_int8 if engine == "int8" else paths.onnx_fp32
-    return EffectRunner(params.faces, engine, model_path=model, threads=threads)
+    return EffectRunner(params.faces, engine, model_path=model, threads=threads, track=track)
 
 
 def summarize(timings: list[dict[str, float]], faces: list[int]) -> dict[str, Any]:
+    """Frame counts and, per stage (and the total), the median, 90th percentile and mean ms of the frames."""
+    from fxassets.runtime import STAGES
+
     out: dict[str, Any] = {"frames": len(faces), "frames_with_face": int(sum(f > 0 for f in faces)),
                            "frames_passed_through": int(sum(f == 0 for f in faces))}
-    for key in ("total", "detect", "align", "model", "composite"):
+    for key in ("total", *STAGES):
         v = np.array([t[key] for t in timings]) if timings else np.zeros(1)
         out[f"{key}_ms_median"] = round(float(np.median(v)), 3)
         out[f"{key}_ms_p90"] = round(float(np.percentile(v, 90)), 3)
+        out[f"{key}_ms_mean"] = round(float(np.mean(v)), 3)
     return out
 
 
@@ -94,7 +103,10 @@ def _write_any(path: Path, rgb: np.ndarray) -> None:
     write_bytes(path, buf.tobytes())
 
 
-def _video(runner, src: Path, output: Path, aligned: bool) -> tuple[list, list]:
+MAX_UNREADABLE = 30  # consecutive frames that fail to decode before the clip is taken as ended
+
+
+def _video(runner, src: Path, output: Path, aligned: bool) -> tuple[list, list, int]:
     import cv2
 
     from fxassets.core.atomic import atomic_path
@@ -104,16 +116,25 @@ def _video(runner, src: Path, output: Path, aligned: bool) -> tuple[list, list]:
         raise ValueError(f"{src}: cannot open video")
     fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
     n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-    timings, faces = [], []
-    writer = None
+    timings, faces, unreadable, pending = [], [], 0, 0
+    writer, last = None, None
     with atomic_path(output) if not aligned else _nullpath() as tmp:
         try:
-            for i in tqdm(range(n) if n else iter(int, 1), desc="apply", unit="frame", total=n, disable=not sys.stderr.isatty()):
+            bar = tqdm(desc="apply", unit="frame", total=n, disable=not sys.stderr.isatty())
+            for i in itertools.count():
                 ok, bgr = cap.read()
-                if not ok:
-                    break
+                if not ok:  # the end, or a frame the decoder could not read: go on while frames may be left
+                    pending += 1
+                    if (n is not None and i >= n) or pending > MAX_UNREADABLE:
+                        break
+                    continue
+                if pending and last is not None:  # frames lost mid-clip: the previous output stands in for them
+                    for _ in range(pending):
+                        writer.write(last)
+                unreadable, pending = unreadable + pending, 0
+                bar.update()
                 rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-                res = runner.process(rgb, blend=not aligned)
+                res = runner.process(rgb, blend=not aligned, t=i / fps, inplace=True)
                 timings.append(res.ms)
                 faces.append(res.faces)
                 if aligned:
@@ -124,12 +145,14 @@ def _video(runner, src: Path, output: Path, aligned: bool) -> tuple[list, list]:
                     writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
                     if not writer.isOpened():
                         raise ValueError(f"{output}: cannot write a video there (try .mp4)")
-                writer.write(cv2.cvtColor(res.frame, cv2.COLOR_RGB2BGR))
+                last = cv2.cvtColor(res.frame, cv2.COLOR_RGB2BGR)
+                writer.write(last)
+            bar.close()
         finally:
             cap.release()
             if writer is not None:
                 writer.release()
-    return timings, faces
+    return timings, faces, unreadable
 
 
 class _nullpath:
@@ -171,13 +194,18 @@ def run(args: argparse.Namespace) -> int:
     stems = distinct_stems(list_images(src) if src.is_dir() else [src])  # a name clash is refused before any work too
     if args.aligned or src.is_dir():
         args.output.mkdir(parents=True, exist_ok=True)
-    with make_runner(params, args.effect, args.engine, args.threads) as runner:
+    extra: dict[str, Any] = {}
+    with make_runner(params, args.effect, args.engine, args.threads, track=is_video) as runner:
         if is_video:
-            timings, faces = _video(runner, src, args.output, args.aligned)
+            timings, faces, extra["frames_unreadable"] = _video(runner, src, args.output, args.aligned)
+            if not timings:
+                raise ValueError(f"{src}: no frame of the video could be read")
         else:
             timings, faces = _images(runner, stems, args.output, args.aligned, single=src.is_file())
     summary = {"effect": args.effect, "engine": args.engine, "input": str(src), "output": str(args.output),
-               **summarize(timings, faces)}
+               **summarize(timings, faces), **extra}
+    if is_video:
+        summary["frames_detected"] = int(sum(t["detect"] > 0 for t in timings))
     if args.json:
         from fxassets.core.atomic import write_json
 

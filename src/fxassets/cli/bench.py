@@ -1,11 +1,14 @@
 """`fxassets bench`: the mobile model's speed, side by side in one run (shared machines are noisy: compare the
-ratios). Student fp32 and int8 at 1 and 2 threads, the whole per-frame runtime at 1280x720, model sizes."""
+ratios). Student fp32 and int8 at 1 and 2 threads (wall clock, and at 1 thread CPU time too: what the model costs
+however busy the machine), the per-operator profile of both, the whole per-frame runtime at 1280x720 on a photo and
+on a tracked synthetic clip (with the tracking figures), model sizes; the machine beside them (`"cpu"`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--effect", help="one effect (default: every effect in params.yaml)")
     p.add_argument("--runs", type=int, default=100, help="timed runs per model and thread count (default 100)")
     p.add_argument("--frames", type=int, default=50, help="timed 1280x720 frames for the runtime (default 50)")
+    p.add_argument("--clip-frames", type=int, default=0,
+                   help="frames of the synthetic clip for the video figure (default 0: all of it, 150)")
     p.add_argument("--json", type=Path, help="write the figures here")
     p.set_defaults(func=run)
     return p
@@ -35,7 +40,16 @@ def frame_720p(photo: np.ndarray) -> np.ndarray:
     return frame
 
 
+def _timed(runner, frame: np.ndarray, **kw: Any) -> tuple[Any, float]:
+    """runner.process and the process's CPU ms for it (every thread: MediaPipe's, ORT's, OpenCV's)."""
+    t = time.process_time()
+    res = runner.process(frame, inplace=True, **kw)
+    return res, (time.process_time() - t) * 1e3
+
+
 def runtime_ms(params, effect: str, photo: np.ndarray, frames: int, threads: int = 1) -> dict[str, float]:
+    """Median ms per stage of `frames` 1280x720 frames with `photo` in the middle, each detected afresh; "cpu":
+    the median CPU ms of a frame."""
     import cv2
 
     from fxassets.cli.apply import make_runner, summarize
@@ -44,16 +58,54 @@ def runtime_ms(params, effect: str, photo: np.ndarray, frames: int, threads: int
     frame = frame_720p(photo)
     with make_runner(params, effect, "int8", threads) as runner:
         for _ in range(5):
-            runner.process(frame)
-        results = [runner.process(frame) for _ in range(frames)]
+            _timed(runner, frame.copy())
+        results, cpu = zip(*(_timed(runner, frame.copy()) for _ in range(frames)))
     if not all(r.faces for r in results):
         raise RuntimeError("bench: the face was not found in the 720p test frame")
     s = summarize([r.ms for r in results], [r.faces for r in results])
-    return {k: v for k, v in s.items() if k.endswith("_median")}
+    return {**{k: v for k, v in s.items() if k.endswith("_median")}, "cpu": round(float(np.median(cpu)), 3)}
 
 
-def bench_effect(params, effect: str, runs: int, frames: int, root: Path = Path(".")) -> dict[str, Any]:
-    from fxassets.export.latency import latency_compare
+def video_ms(params, effect: str, photo: np.ndarray, frames: int = 0, threads: int = 1) -> dict[str, Any]:
+    """The tracked synthetic clip (`fxassets.synthetic_clip`) through the int8 runtime: mean ms per stage over
+    its frames (detection on the first frame and when the track is lost, tracking in between) and the tracking
+    figures against the clip's known path."""
+    import cv2
+
+    from fxassets.cli.apply import make_runner, summarize
+    from fxassets.faces.align import ALIGN_KEYPOINTS
+    from fxassets.faces.detect import FaceDetector
+    from fxassets.synthetic_clip import SyntheticClip, track_figures
+
+    cv2.setNumThreads(threads)
+    with FaceDetector(params.faces.detector, params.faces.min_score) as det:
+        found = det.detect(photo)
+    if not found:
+        raise RuntimeError("bench: no face in the photo for the synthetic clip")
+    truth = np.array([found[0].keypoints[k] for k in ALIGN_KEYPOINTS])
+    clip = SyntheticClip(photo)
+    n = min(frames or len(clip), len(clip))
+    results, cpu, kps, raw = [], [], [], []
+    with make_runner(params, effect, "int8", threads, track=True) as runner:
+        for _ in range(5):  # warm-up, then a new track
+            runner.process(clip.frame(0), t=-1.0)
+        runner.tracker.reset()
+        for i in range(n):
+            res, ms = _timed(runner, clip.frame(i), t=clip.t(i))
+            results.append(res)
+            cpu.append(ms)
+            step = runner.tracker.last
+            kps.append(None if step.face is None else np.array([step.face.keypoints[k] for k in ALIGN_KEYPOINTS]))
+            raw.append(step.raw)
+    s = summarize([r.ms for r in results], [r.faces for r in results])
+    return {"ms": {k.removesuffix("_ms_mean"): v for k, v in s.items() if k.endswith("_ms_mean")},
+            "cpu": round(float(np.mean(cpu)), 3),
+            "frames_detected": int(sum(r.ms["detect"] > 0 for r in results)),
+            "tracking": track_figures(clip, truth, kps, raw)}
+
+
+def bench_effect(params, effect: str, runs: int, frames: int, root: Path = Path("."), clip_frames: int = 0) -> dict[str, Any]:
+    from fxassets.export.latency import latency_compare, op_profile
     from fxassets.core.images import read_rgb
     from fxassets.core.paths import EffectPaths
     from fxassets.sources import list_sources
@@ -69,10 +121,22 @@ def bench_effect(params, effect: str, runs: int, frames: int, root: Path = Path(
         out[f"student_fp32_ms_{t}t"] = round(ms["fp32"], 3)
         out[f"student_int8_ms_{t}t"] = round(ms["int8"], 3)
         out[f"int8_over_fp32_{t}t"] = round(ms["int8"] / ms["fp32"], 3)
+    cpu = latency_compare(models, threads=1, runs=runs, warmup=5, clock="cpu")
+    out["student_fp32_cpu_ms_1t"], out["student_int8_cpu_ms_1t"] = round(cpu["fp32"], 3), round(cpu["int8"], 3)
+    out["int8_over_fp32_cpu_1t"] = round(cpu["int8"] / cpu["fp32"], 3)
+    for name, path in models.items():
+        out[f"student_{name}_op_ms_1t"] = op_profile(path, threads=1, runs=max(5, min(runs, 30)))
     photo = read_rgb(list_sources(root / params.faces.source, 1)[0].path)
     rt = runtime_ms(params, effect, photo, frames, threads=1)
     out["runtime_720p_ms_1t"] = rt["total_ms_median"]
+    out["runtime_720p_cpu_ms_1t"] = rt.pop("cpu")
     out["runtime_720p_breakdown_ms_1t"] = {k.removesuffix("_ms_median"): v for k, v in rt.items()}
+    video = video_ms(params, effect, photo, clip_frames, threads=1)
+    out["runtime_720p_video_ms_1t"] = video["ms"]["total"]
+    out["runtime_720p_video_cpu_ms_1t"] = video["cpu"]
+    out["runtime_720p_video_breakdown_ms_1t"] = video["ms"]
+    out["video_frames_detected"] = video["frames_detected"]
+    out["video_tracking"] = video["tracking"]
     out["fp32_bytes"] = p.onnx_fp32.stat().st_size
     out["int8_bytes"] = p.onnx_int8.stat().st_size
     return out
@@ -88,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     from fxassets.core.machine import cpu_info, cpu_label
 
     print(f"CPU: {cpu_label()}", file=sys.stderr)
-    results = [bench_effect(params, e, args.runs, args.frames) for e in effects]
+    results = [bench_effect(params, e, args.runs, args.frames, clip_frames=args.clip_frames) for e in effects]
     doc: Any = {"cpu": cpu_info(), **results[0]} if len(results) == 1 else {"cpu": cpu_info(), "effects": results}
     if args.json:
         from fxassets.core.atomic import write_json

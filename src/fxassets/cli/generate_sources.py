@@ -2,7 +2,8 @@
 
 `fxassets generate-sources --out DIR --n N --model M` writes N portraits `DIR/gen_00000.png`, ... with a
 `manifest.csv` (file, person_id, age, gender, skin_tone, ...) that `sources.py` reads, `records.jsonl` (prompt,
-seed, status, seconds per sample) and `generator.json` (the generator's fingerprint). Point `faces.source` at DIR.
+seed, status; no clock: the folder is every stage's dependency, the seconds are the printed summary's) and
+`generator.json` (the generator's fingerprint). Point `faces.source` at DIR.
 
 The prompts are balanced over age group x gender x skin tone (the 10-point Monk Skin Tone scale in three groups):
 sample i takes the least-used combination, so every prefix of the list is as balanced as it can be and every
@@ -159,17 +160,17 @@ def generate_sources(gen, spec: SourcesConfig, out_dir: Path, root: Path = Path(
     todo = [(k, r) for k, r in zip(keys, records, strict=True) if cache.get(k) is None]
     with teacher.run_session(len(todo)), tqdm(total=len(records), initial=len(records) - len(todo), desc="generate sources", unit="img", disable=not progress) as bar:
         compute_samples(todo, cache, teacher.generate_batch, teacher.batch_size, bar, teacher.runtime)
-    fresh = {k for k, _ in todo}
-
-    rows, manifest = [], io.StringIO()
+    rows, manifest, secs = [], io.StringIO(), 0.0
     cols = ["file", "person_id", "age", "gender", "skin_tone", "age_group", "skin_group", "seed", "prompt"]
     w = csv.DictWriter(manifest, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     with atomic_dir(out_dir) as tmp:
         for rec, key in zip(records, keys, strict=True):
             entry = cache.get(key) or {"status": "error", "reason": "not generated", "seconds": 0.0}
+            secs += entry["seconds"]
+            # no seconds, no `cached` flag: the folder is every stage's DVC dependency, a function of its inputs
             row = {"sample_id": rec["sample_id"], "person_id": rec["person_id"], **rec["attributes"], "seed": rec["seed"], "prompt": rec["prompt"],
-                   "teacher": fp["hash"], "status": entry["status"], "reason": entry["reason"], "image": "", "seconds": entry["seconds"], "cached": key not in fresh}
+                   "teacher": fp["hash"], "status": entry["status"], "reason": entry["reason"], "image": ""}
             if entry["status"] == "ok":
                 name = f"{rec['sample_id']}.png"
                 shutil.copyfile(cache.png(key), tmp / name)
@@ -183,8 +184,9 @@ def generate_sources(gen, spec: SourcesConfig, out_dir: Path, root: Path = Path(
         write_jsonl(tmp / "records.jsonl", rows)
         write_json(tmp / "generator.json", {**fp, "spec": spec.model_dump(mode="json")})
     ok = sum(r["status"] == "ok" for r in rows)
-    return {"samples": len(rows), "ok": ok, "errors": len(rows) - ok, "computed": len(todo), "generator": fp,
-            "runtime": teacher.runtime() if todo else {}, "wall_seconds": round(time.perf_counter() - t_start, 3)}
+    return {"samples": len(rows), "ok": ok, "errors": len(rows) - ok, "computed": len(todo), "cached": len(rows) - len(todo),
+            "generator": fp, "runtime": teacher.runtime() if todo else {},
+            "seconds_per_sample": round(secs / max(1, len(rows)), 4), "wall_seconds": round(time.perf_counter() - t_start, 3)}
 
 
 def _cmd(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 
 from fxassets.core.config import Params
 from fxassets.core.paths import EffectPaths
+from fxassets.core.runlog import read_run_log
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -68,6 +69,7 @@ def effect_rows(params: Params, root: Path = Path("."), dvc_status: dict[str, An
         pairs = _load(p.pairs_dir / "summary.json")
         train = _load(p.train_metrics)
         mobile = _load(p.mobile_report)
+        timed = read_run_log(root, "mobile_model", effect)  # latencies: the run's, not the output's (core.runlog)
         rows.append(
             {
                 "effect": effect,
@@ -80,8 +82,9 @@ def effect_rows(params: Params, root: Path = Path("."), dvc_status: dict[str, An
                 "ssim": train.get("heldout_ssim"),
                 "identity_psnr_db": train.get("identity_psnr"),
                 "int8_psnr_db": mobile.get("int8_psnr_db"),
-                "int8_ms": mobile.get("int8_ms_1t"),
-                "fp32_ms": mobile.get("fp32_ms_1t"),
+                "int8_ms": timed.get("int8_ms_1t"),
+                "fp32_ms": timed.get("fp32_ms_1t"),
+                "cpu": timed.get("cpu"),
                 "int8_model": str(p.onnx_int8) if p.onnx_int8.exists() else None,
                 "grid": str(p.grid) if p.grid.exists() else None,
                 "failed": effect_failure(params, effect, root, stale.get(effect)),
@@ -120,4 +123,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     capped = [f"note: {r['effect']}: training stopped at train.max_seconds after {r['steps']} steps of the planned "
               f"{r.get('planned_steps') or 'train.steps'}: the model depends on this machine's speed"
               for r in rows if r.get("capped") and not r.get("failed")]
-    return "\n".join(table + capped + ([""] + [f"FAILED {f}" for f in failed] if failed else []))
+    cpus = {f"{c['model']} ({', '.join(c.get('isa') or []) or 'no AVX2'})" for r in rows if (c := r.get("cpu"))}
+    timed = [f"latencies measured on: {' / '.join(sorted(cpus))}"] if cpus else []
+    return "\n".join(table + timed + capped + ([""] + [f"FAILED {f}" for f in failed] if failed else []))

@@ -117,6 +117,10 @@ class EffectPaths:
     def mobile_report(self) -> Path:
         return self.mobile_dir / "report.json"
 
+    # the figures `dvc exp show` lists (fxassets.stages.EXP_METRICS), tracked by git, not under data/
+    def exp_metrics(self, stage: str) -> Path:
+        return self.root / "metrics" / stage / f"{self.effect}.json"
+
 
 def cache_root(root: Path) -> Path:
     """Where resumable work is kept: `$FXASSETS_CACHE` or `<project root>/.cache/fxassets` (gitignored)."""

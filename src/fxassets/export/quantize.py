@@ -153,7 +153,8 @@ def preprocess_for_quant(fp32_path: Path, out_path: Path) -> bool:
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray], method: str = "minmax",
                   *, exclude: Exclude = "none", nodes_to_exclude: Sequence[str] = (),
                   keep_float: Sequence[str] = (), percentile: float = DEFAULT_PERCENTILE, preprocess: bool = True,
-                  calibration_cache: Path | None = None) -> dict[str, Any]:
+                  calibration_cache: Path | None = None, quant_format: str = "qdq", activations: str = "u8",
+                  weights: str = "s8", per_channel: bool = True) -> dict[str, Any]:
     """Static int8 quantization with ONNX Runtime: QDQ, per-channel QInt8 weights, QUInt8 activations.
 
     `calibration`: model inputs (1x3xHxW float in [0, 1], or HxWx3 uint8 images).  `method`: "minmax",
@@ -163,6 +164,8 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray
     `preprocess` runs ORT's `quant_pre_process` first and falls back to the plain model if it fails.  Writes
     `int8_path` atomically; returns a dict with `bytes`, `ops`, `calibration_samples`, `method`, `exclude`,
     `excluded_nodes` (count), `nodes_to_exclude` (the explicit list), `preprocessed`, `quantize_s`.
+    The pipeline's choices are the defaults; `quant_format` "qoperator", `activations` / `weights` "u8" or "s8"
+    and `per_channel` False are for comparing them (benchmarks/bench_int8_profile.py, docs/mobile.md).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -172,6 +175,10 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray
         raise ValueError(f"quantize_int8: calibration method must be one of {sorted(methods)}, got {method!r}")
     if not calibration:
         raise ValueError("quantize_int8: no calibration images")
+    formats, types = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}, {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
+    if quant_format not in formats or activations not in types or weights not in types:
+        raise ValueError(f"quantize_int8: quant_format must be one of {sorted(formats)}, activations and weights "
+                         f"one of {sorted(types)}; got {quant_format!r}, {activations!r}, {weights!r}")
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     if not fp32_path.is_file():
         raise FileNotFoundError(f"{fp32_path}: no such ONNX model")
@@ -199,8 +206,8 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray
             with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
                 quantize_static(
                     str(src), str(tmp), _calibration_reader(calibration),
-                    quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    quant_format=formats[quant_format], per_channel=per_channel,
+                    activation_type=types[activations], weight_type=types[weights],
                     calibrate_method=methods[how], nodes_to_exclude=skip or None, extra_options=extra,
                     calibration_cache_path=cache if how == method else None,
                 )
@@ -230,6 +237,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray
         "nodes_to_exclude": explicit,
         "keep_float": list(keep_float),
         "float_end_nodes": ends,
+        "quant_format": quant_format, "activations": activations, "weights": weights, "per_channel": per_channel,
         "preprocessed": preprocessed,
         "quantize_s": round(time.perf_counter() - t0, 3),
     }

@@ -30,7 +30,8 @@ from fxassets.faces.scale import FaceScaler, teacher_view
 from fxassets.teachers import SampleRejected, Teacher, TeacherError
 from fxassets.core.paths import cache_root
 
-RECORD_FIELDS = ("sample_id", "source", "person_id", "seed", "prompt", "teacher", "status", "reason", "image", "seconds")
+# no `seconds`: the records are an output, a function of the inputs (the run's timings: the stage's summary)
+RECORD_FIELDS = ("sample_id", "source", "person_id", "seed", "prompt", "teacher", "status", "reason", "image")
 
 
 def sample_key(source_sha256: str, record: dict[str, Any], teacher_hash: str) -> str:
@@ -126,7 +127,7 @@ def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root
         row = {k: rec[k] for k in ("sample_id", "source", "person_id", "seed", "prompt")}
         if rec.get("capture"):
             row["capture"] = rec["capture"]
-        row.update(teacher=fp["hash"], status="error", reason="", image="", seconds=0.0)
+        row.update(teacher=fp["hash"], status="error", reason="", image="")
         rows.append(row)
         try:
             key = sample_key(sha256_file(root / rec["source"]), rec, key_hash)
@@ -166,7 +167,7 @@ def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root
     t_teacher = time.perf_counter()
 
     fresh = {key for key, _ in todo}
-    reused = 0
+    reused, secs = 0, 0.0
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         for row, key in zip(rows, keys, strict=True):
@@ -176,8 +177,8 @@ def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root
             if entry is None:  # only a source that could not be read
                 row.update(reason=errors.get(row["sample_id"], "source could not be read"))
                 continue
-            # the seconds are those of the run that computed the sample: records are the same bytes on a rerun
-            row.update(status=entry["status"], reason=entry["reason"], seconds=entry["seconds"])
+            row.update(status=entry["status"], reason=entry["reason"])
+            secs += entry["seconds"]  # those of the run that computed the sample
             reused += key not in fresh
             if entry["status"] == "ok":
                 shutil.copyfile(cache.png(key), tmp / "images" / f"{row['sample_id']}.png")
@@ -185,7 +186,6 @@ def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root
         write_jsonl(tmp / "records.jsonl", rows)
         write_json(tmp / "teacher.json", fp)
     ok = sum(r["status"] == "ok" for r in rows)
-    secs = sum(r["seconds"] for r in rows)
     return {
         "samples": len(rows),
         "ok": ok,

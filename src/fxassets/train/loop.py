@@ -34,14 +34,14 @@ from tqdm import tqdm
 
 from fxassets.core.atomic import write_json, write_text
 from fxassets.train.augment import augment_pairs
-from fxassets.train.capture import simulate_capture
+from fxassets.train.capture import is_grey, simulate_capture
 from fxassets.core.machine import cpu_info
 from fxassets.core.config import AugmentConfig, TrainConfig
 from fxassets.faces.align import DEFAULT_MARGIN
 from fxassets.core.images import read_png_rgb
 from fxassets.train.losses import Objective
 from fxassets.core.metrics import image_scores, quantize
-from fxassets.train.student import arch_options, build_student, count_macs, count_params, save_student
+from fxassets.train.student import arch_options, build_student, count_macs, count_params, make_grey, save_student
 from fxassets.train.state import Checkpointer, run_key
 from fxassets.core.manifest import MANIFEST, read_pairs
 STRIDE = 32  # the student needs H and W multiples of this
@@ -163,6 +163,11 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def all_grey(pairs: PairSet) -> bool:
+    """Whether every target is grey (its channels agree: `train.capture.is_grey`), i.e. the teacher removes colour."""
+    return all(bool(is_grey(pairs.target[i : i + 64].float() / 255.0).all()) for i in range(0, len(pairs), 64))
+
+
 def load_split(pairs_dir: Path, cfg: TrainConfig) -> tuple[PairSet, PairSet]:
     """The passing train and held-out pairs of `pairs_dir`, checked against cfg.crop; ValueError naming the manifest."""
     manifest = Path(pairs_dir) / MANIFEST
@@ -275,7 +280,9 @@ def train_student(
     root: Path | None = None,
     margin: float = DEFAULT_MARGIN,
 ) -> dict[str, Any]:
-    """Distil the pairs in `pairs_dir` into a student; write checkpoint, metrics JSON and curve CSV; return metrics.
+    """Distil the pairs in `pairs_dir` into a student; write checkpoint, metrics JSON and curve CSV; return the
+    metrics with the run's `train_seconds`, `resumed_from_step` and `cpu` (which the files leave out: the same
+    inputs give the same bytes).
 
     `state_dir`: where resume checkpoints go (outside the DVC outputs; None: not resumable); deleted on success.
     `root`: the folder a relative ``cfg.lpips_weights`` is read from (the project root; default the working dir).
@@ -289,8 +296,11 @@ def train_student(
         weights = cfg.encoder_weights
         if weights is not None and root is not None and not Path(weights).is_absolute():
             weights = Path(root) / weights
-        model = build_student(cfg.encoder, cfg.width, **arch_options(cfg),
+        grey = all_grey(train) if cfg.grey_output == "auto" else bool(cfg.grey_output)
+        model = build_student(cfg.encoder, cfg.width, **{**arch_options(cfg), "colour": cfg.colour_transform or grey},
                               encoder_weights=weights)
+        if grey:
+            make_grey(model)
         objective = Objective(cfg, lpips_root=root)
         key = run_key(cfg, pairs_dir / MANIFEST, objective.lpips_path, weights) if state_dir is not None else ""
         checkpointer = Checkpointer(state_dir, key, cfg.checkpoint_every)
@@ -305,10 +315,8 @@ def train_student(
             "identity_ssim": round(baseline["ssim"], 5),
             "steps": result.steps,
             "planned_steps": cfg.steps,
+            "grey_output": grey,
             "capped": result.steps < cfg.steps,  # train.max_seconds cut the run short: another machine, another model
-            "resumed_from_step": result.resumed_from,
-            "train_seconds": round(result.seconds, 2),
-            "cpu": cpu_info(),  # the machine train_seconds is of (the weights are not: steps only)
             "params": count_params(model),
             "macs_256": count_macs(model),
             "encoder": cfg.encoder,
@@ -328,6 +336,8 @@ def train_student(
         write_json(metrics_path, metrics)
         write_text(curve_path, curve_csv(result.curve))
         checkpointer.clear()  # the outputs are the product now
-        return metrics
+        # the run, not the model: in the returned summary (the stage's run log), never in the outputs
+        return {**metrics, "resumed_from_step": result.resumed_from, "train_seconds": round(result.seconds, 2),
+                "cpu": cpu_info()}  # the machine train_seconds is of (the weights are not: steps only)
     finally:
         torch.set_num_threads(threads_before)

@@ -25,12 +25,12 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from timm.layers import ConvNormAct
 from timm.models._efficientnet_blocks import InvertedResidual
 from torch import nn
 
-from fxassets.core.atomic import atomic_path
+from fxassets.core.atomic import write_bytes
 
 DEFAULT_ENCODER = "mobilenetv4_conv_small_050"
 # decoder channels at strides 16, 8, 4, 2 for width 1.0
@@ -134,6 +134,19 @@ def inference_form(model: nn.Module) -> nn.Module:
     if getattr(out, "colour", None) is not None and not out.colour_folded:
         fold_colour(out)
     return out
+
+
+GREY = (0.299, 0.587, 0.114)  # Rec. 601 luma: the grey of a pencil sketch teacher
+
+
+def make_grey(model: "Student") -> None:
+    """Fix the output colour map to the grey projection (every channel = luma) and freeze it: the student's
+    output is grey for any input colour, exactly (a grey teacher's student cannot learn a capture's colours), and
+    starts as the grey input (the identity, less its colour)."""
+    with torch.no_grad():
+        model.colour.weight.copy_(torch.tensor(GREY).repeat(3, 1)[:, :, None, None])
+        model.colour.bias.zero_()
+    model.colour.requires_grad_(False)
 
 
 def fold_colour(model: "Student") -> None:
@@ -248,8 +261,18 @@ def save_student(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> No
                  "width": getattr(model, "width", 1.0), "arch": getattr(model, "arch", {})})
     header = {str(k): json.dumps(v, default=str) for k, v in info.items()}  # every value JSON: lossless round trip
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+    write_bytes(path, _sorted_metadata(save(tensors, metadata=header)))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors bytes with the header's metadata in sorted order: the library writes that map in its process's
+    hash order (the same weights gave other bytes run to run); the tensors' entries keep their (sorted) order."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as the library pads it
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def _decode(v: str) -> Any:
