@@ -1,7 +1,9 @@
 """The five pipeline assets, one per `dvc.yaml` stage, partitioned by effect.
 
 Each materialization runs `dvc --wait-for-lock repro --single-item STAGE@EFFECT` (so DVC's run-cache, dvc.lock and
-cache apply: after one materializes, `dvc status` is clean and `dvc push` shares the outputs) and returns
+cache apply: after one materializes, `dvc status` is clean and `dvc push` shares the outputs), in the project or, in
+workspace mode (`resources.MODE`), in a fresh clone at the run's commit that pulls and pushes through the remote,
+and returns
 * data_version = DVC's md5 of the stage's outs in dvc.lock,
 * code_version = a fingerprint of the params the stage reads (those no source asset carries) and its code deps,
 * metadata read from the stage's output files (`summaries.py`), and its checks' results (`checks.py`).
@@ -32,7 +34,7 @@ from dagster import (
 from orchestration import dvc_runner, summaries
 from orchestration.checks import CheckInput, checks_for
 from orchestration.project import Project, StageSpec
-from orchestration.resources import DvcProject, QualityGates
+from orchestration.resources import WORKSPACE, DvcProject, QualityGates
 from orchestration.sources import build_sources, observe_if_changed
 
 GROUP = "pipeline"
@@ -128,10 +130,11 @@ def build_stage_asset(project: Project, spec: StageSpec, partitions_def: Partiti
     def _stage(context: AssetExecutionContext, dvc: DvcProject, gates: QualityGates) -> MaterializeResult:
         effect = context.partition_key
         _observe_own_sources(context, dvc.path, spec, effect)
-        with dvc.effect_lock(effect, log=context.log.info):  # until the outputs are read: no other run rewrites them
-            result = dvc.repro(spec.name, effect, log=context.log.info)
-            entry = dvc.lock_entry(spec.name, effect)
-            values = summaries.summary(spec.name, dvc.path, effect)
+        commit = dvc.pinned_commit(context.instance, context.run_id, context.run.tags) if dvc.mode == WORKSPACE else None
+        with dvc.build(spec.name, effect, log=context.log.info, commit=commit) as built:  # outputs read inside
+            values = summaries.summary(spec.name, built.root, effect)
+            checks = evaluate_checks(check_fns, built.root, effect, values, gates)
+        result, entry = built.result, built.entry
         version = dvc_runner.data_version_of(entry)
         if version is None:
             raise dvc_runner.DvcError(f"dvc.lock records no md5 for the outs of {spec.dvc_name(effect)}")
@@ -139,7 +142,8 @@ def build_stage_asset(project: Project, spec: StageSpec, partitions_def: Partiti
         metadata = stage_metadata(spec, values, effect, entry)
         metadata["dvc_outcome"] = MetadataValue.text(result.outcome)
         metadata["dvc_seconds"] = MetadataValue.float(shown(result.seconds))
-        checks = evaluate_checks(check_fns, dvc.path, effect, values, gates)
+        if built.commit:
+            metadata["git_commit"] = MetadataValue.text(built.commit)
         return MaterializeResult(data_version=DataVersion(version), metadata=metadata, check_results=checks)
 
     return _stage

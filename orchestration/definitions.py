@@ -4,7 +4,7 @@
     assets.py       prompts -> teacher_images -> face_pairs -> student_checkpoint -> mobile_model, per effect,
                     each one `dvc repro --single-item STAGE@EFFECT`
     checks.py       blocking pair checks on face_pairs, the int8 parity check on mobile_model
-    resources.py    the DVC project, the quality gates, the executor
+    resources.py    the DVC project (local or workspace mode), the quality gates, the executor
     sync.py         record a plain `dvc repro` in Dagster (CLI and the `dvc_sync` sensor)
     project.py      dvc.yaml + params.yaml -> edges, code versions, source versions (Dagster-free)
 
@@ -20,7 +20,7 @@ from dagster import AssetSelection, Definitions, define_asset_job
 
 from orchestration.assets import build_pipeline
 from orchestration.project import Project
-from orchestration.resources import EXECUTOR, make_resources
+from orchestration.resources import make_executor, make_resources
 from orchestration.sync import build_sync_sensor
 
 
@@ -36,7 +36,7 @@ def build_defs(root: str | Path | None = None) -> Definitions:
         jobs=[build_effect],
         sensors=[build_sync_sensor(project.root)],
         resources=make_resources(project.root),
-        executor=EXECUTOR,
+        executor=make_executor(),
     )
 
 

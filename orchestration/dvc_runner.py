@@ -2,7 +2,9 @@
 
 * `repro` runs `dvc --wait-for-lock repro --single-item STAGE@EFFECT`, so DVC's run-cache, `dvc.lock` and cache
   apply exactly as under `dvc repro`. It first takes a per-effect file lock: DVC fails ("... is busy") when two
-  processes work on the same effect's outputs at once, and two effects may run in parallel.
+  processes work on the same effect's outputs at once, and two effects may run in parallel. With `pull=True` (a
+  fresh workspace, `workspace.py`) it runs `dvc repro --pull STAGE@EFFECT`: the stages upstream are restored from
+  the remote's run-cache, and so is the stage itself when it was built before.
 * `lock_entry` reads `dvc.lock` while holding DVC's own repo lock (DVC rewrites the file in place).
 * `data_version` is the md5 DVC recorded for the stage's outs (one out: its md5; several: a hash of them).
 """
@@ -67,28 +69,33 @@ class ReproResult:
     output: str
 
 
-def repro(root: Path, stage: str, effect: str, log: Callable[[str], None] | None = None, lock: bool = True) -> ReproResult:
-    """`dvc --wait-for-lock repro --single-item STAGE@EFFECT`; raises DvcError with DVC's output on failure.
+def stream(cmd: list[str], cwd: Path, log: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run a command, passing each line of its output to `log`; (exit code, the output)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**dvc_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        if log and line.strip():
+            log(line.rstrip())
+    return proc.wait(), "\n".join(lines)
+
+
+def repro(root: Path, stage: str, effect: str, log: Callable[[str], None] | None = None, lock: bool = True,
+          pull: bool = False, env: dict[str, str] | None = None) -> ReproResult:
+    """`dvc --wait-for-lock repro --single-item STAGE@EFFECT` (`pull`: `repro --pull STAGE@EFFECT`); raises DvcError
+    with DVC's output on failure.
 
     `lock=False` when the caller already holds `partition_lock(root, effect)` (a flock is not re-entrant)."""
     name = f"{stage}@{effect}"
-    cmd = ["dvc", "--wait-for-lock", "repro", "--single-item", name]
+    cmd = ["dvc", "--wait-for-lock", "repro", *(["--pull", name] if pull else ["--single-item", name])]
     with partition_lock(root, effect, on_wait=log) if lock else contextlib.nullcontext():
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=root, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines: list[str] = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            lines.append(line)
-            if log and line.strip():
-                log(line)
-        rc = proc.wait()
+        rc, output = stream(cmd, root, log, env)
         seconds = time.perf_counter() - t0
-    output = "\n".join(lines)
     if rc != 0:
         raise DvcError(f"{' '.join(cmd)} exited {rc}:\n{output[-6000:]}")
-    if "is cached - skipping run" in output:
+    if f"Stage '{name}' is cached - skipping run" in output:
         outcome = RESTORED
     elif f"Running stage '{name}'" in output:
         outcome = RAN

@@ -13,7 +13,7 @@
 Stages DVC reports changed are left alone: Dagster already shows them stale (or missing) or will once observed.
 
 The `dvc_sync` sensor (on by default under `dagster dev`) runs the same when dvc.lock, params.yaml or the faces
-folder change and no run is in progress.
+folder change and no run is in progress (not in workspace mode, where the checkout holds no run's outputs).
 """
 
 import argparse
@@ -57,7 +57,7 @@ from orchestration.dagster_internals import (
 )
 from orchestration.checks import checks_for
 from orchestration.project import PER_EFFECT_SOURCES, SOURCE_FACES, SOURCES, Project
-from orchestration.resources import QualityGates, make_resources
+from orchestration.resources import MODE, WORKSPACE, QualityGates, make_resources
 from orchestration.sources import observe_if_changed
 
 SYNC_TAG = "fxassets/recorded_by"
@@ -227,6 +227,8 @@ def build_sync_sensor(root: Path):
             description="After work outside Dagster (a plain `dvc repro`, an edit of params.yaml), observe the "
                         "sources and record what DVC reports clean (same as `python -m orchestration.sync`).")
     def dvc_sync(context: SensorEvaluationContext):
+        if MODE == WORKSPACE:  # the steps build in workspaces of their own: this checkout is nobody's output
+            return SkipReason("workspace mode: the DVC remote holds what the runs built; this checkout is not synced")
         sig = _signature(root)
         if context.cursor == sig:
             return SkipReason("dvc.lock, params.yaml and the faces folder are unchanged")

@@ -14,9 +14,17 @@ from fxassets.core.paths import STAGES
 from fxassets.teachers.base import TeacherError
 
 
+ONLY_STAGE_ENV = "FXASSETS_ONLY_STAGE"  # the one STAGE@EFFECT this checkout may compute ("none": restore only)
+
+
 def _cmd_stage(args: argparse.Namespace) -> int:
     from fxassets.stages import run_stage
 
+    only, name = os.environ.get(ONLY_STAGE_ENV), f"{args.name}@{args.effect}"
+    if only and only != name:  # a workspace that restores its inputs from the remote: never recompute one here
+        allowed = "restores only" if only == "none" else f"computes only {only}"
+        raise ValueError(f"{name} is not in the remote, and this checkout {allowed} (${ONLY_STAGE_ENV}): "
+                         f"build {name} first (or push it from where it was built)")
     params = load_params(args.params)
     summary = run_stage(args.name, params, args.effect, Path("."), progress=not args.no_progress)
     print(json.dumps({"stage": args.name, "effect": args.effect, **summary}, default=str))
