@@ -59,6 +59,8 @@ def make_project(dest: Path, overrides: dict | None = None) -> Path:
         cwd=REPO, capture_output=True, text=True, check=True,
     ).stdout.split("\0")
     for rel in filter(None, files):
+        if rel == "dvc.lock" or rel.startswith("metrics/"):  # the reference build's record: a copy builds its own
+            continue
         src = REPO / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
