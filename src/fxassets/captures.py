@@ -22,7 +22,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-LUMA = np.array([0.299, 0.587, 0.114])
+from fxassets.core.images import GRAY_WEIGHTS
+
+LUMA = np.array(GRAY_WEIGHTS)
+
 # ranges (docs/student.md, "Simulated captures"): per-channel gains 1 +- WHITE_BALANCE (luma kept), exposure
 # 2**EXPOSURE_STOPS, gamma, and the share of variants that get a new background, a blur, noise, JPEG.  Brighter
 # than +0.3 stops or blurrier than 1 px clipped or softened so many faces that the pair gate rejected half of them

@@ -10,6 +10,7 @@ from typing import Any
 
 from fxassets.core.config import Params
 from fxassets.core.paths import EffectPaths
+from fxassets.core.machine import cpu_label
 from fxassets.core.runlog import read_run_log
 
 
@@ -123,6 +124,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     capped = [f"note: {r['effect']}: training stopped at train.max_seconds after {r['steps']} steps of the planned "
               f"{r.get('planned_steps') or 'train.steps'}: the model depends on this machine's speed"
               for r in rows if r.get("capped") and not r.get("failed")]
-    cpus = {f"{c['model']} ({', '.join(c.get('isa') or []) or 'no AVX2'})" for r in rows if (c := r.get("cpu"))}
+    cpus = {cpu_label(c) for r in rows if (c := r.get("cpu"))}
     timed = [f"latencies measured on: {' / '.join(sorted(cpus))}"] if cpus else []
     return "\n".join(table + timed + capped + ([""] + [f"FAILED {f}" for f in failed] if failed else []))

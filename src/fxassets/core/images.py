@@ -16,6 +16,7 @@ from fxassets.core.atomic import write_bytes
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # the largest image read (width x height): 50 MP holds a 48 MP phone photo (8064x6048); a larger one would take
 # gigabytes to decode and process, so it is an ImageError (a rejected sample, a skipped `apply` input)
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # Rec. 601 luma: kornia's and OpenCV's RGB -> grey (the pencil sketch's grey)
 MAX_PIXELS = 50_000_000
 
 

@@ -40,7 +40,8 @@ def cpu_info() -> dict[str, Any]:
             "onnxruntime": _version("onnxruntime"), "torch": _version("torch")}
 
 
-def cpu_label() -> str:
-    """One line for logs and tables: the model and its int8-relevant extensions."""
-    info = cpu_info()
-    return f"{info['model']} ({', '.join(info['isa']) or 'no AVX2'}; {info['cores']} cores)"
+def cpu_label(info: dict[str, Any] | None = None) -> str:
+    """One line for logs and tables: the model and its int8-relevant extensions (of `info`, a `cpu_info()` dict
+    recorded elsewhere, or of this machine)."""
+    info = info or cpu_info()
+    return f"{info['model']} ({', '.join(info.get('isa') or []) or 'no AVX2'}; {info.get('cores')} cores)"

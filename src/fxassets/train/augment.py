@@ -58,8 +58,7 @@ from kornia.geometry.transform import get_rotation_matrix2d
 from fxassets.faces import align as faces
 from fxassets.train.occluders import _occluder_patch, draw_occluder
 from fxassets.core.config import OCCLUDERS, AugmentConfig
-
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # kornia.color.rgb_to_grayscale's (and OpenCV's) RGB weights
+from fxassets.core.images import GRAY_WEIGHTS
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]])
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 

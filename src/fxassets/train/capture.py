@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from fxassets.core.config import AugmentConfig
+from fxassets.core.images import GRAY_WEIGHTS as LUMA
 
-GRAY_WEIGHTS = torch.tensor([0.299, 0.587, 0.114])
+GRAY_WEIGHTS = torch.tensor(LUMA)
 GREY_CHROMA = 0.02  # a target whose channels differ by less than this (0..1) on average is grey
 
 

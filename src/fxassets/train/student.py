@@ -31,6 +31,7 @@ from timm.models._efficientnet_blocks import InvertedResidual
 from torch import nn
 
 from fxassets.core.atomic import write_bytes
+from fxassets.core.images import GRAY_WEIGHTS
 
 DEFAULT_ENCODER = "mobilenetv4_conv_small_050"
 # decoder channels at strides 16, 8, 4, 2 for width 1.0
@@ -136,15 +137,12 @@ def inference_form(model: nn.Module) -> nn.Module:
     return out
 
 
-GREY = (0.299, 0.587, 0.114)  # Rec. 601 luma: the grey of a pencil sketch teacher
-
-
 def make_grey(model: "Student") -> None:
     """Fix the output colour map to the grey projection (every channel = luma) and freeze it: the student's
     output is grey for any input colour, exactly (a grey teacher's student cannot learn a capture's colours), and
     starts as the grey input (the identity, less its colour)."""
     with torch.no_grad():
-        model.colour.weight.copy_(torch.tensor(GREY).repeat(3, 1)[:, :, None, None])
+        model.colour.weight.copy_(torch.tensor(GRAY_WEIGHTS).repeat(3, 1)[:, :, None, None])
         model.colour.bias.zero_()
     model.colour.requires_grad_(False)
 
