@@ -250,7 +250,7 @@ class TrainConfig(_Strict):
     eval_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(100, ge=0, description="steps between resumable checkpoints; 0 = none")
     seed: int = 0
-    threads: int = Field(2, ge=1)
+    threads: int = Field(1, ge=1)
     augment: AugmentConfig = AugmentConfig()
 
 
