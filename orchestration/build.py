@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from orchestration.dvc_runner import dvc_env, partition_lock
@@ -40,6 +41,23 @@ def command(effect: str) -> list[str]:
     return ["dvc", "--wait-for-lock", "repro", "--keep-going", f"mobile_model@{effect}"]
 
 
+class ProgressThrottle:
+    """Which progress-bar lines to pass on: a bar's first and last, and one every `every` seconds in between (in a
+    pipe a bar redraws on every update; interleaved with another effect's that is a flood)."""
+
+    def __init__(self, every: float = 15.0, clock=time.monotonic):
+        self.every, self.clock, self.last = every, clock, {}
+
+    def show(self, line: str) -> bool:
+        if "%|" not in line:  # not a tqdm bar
+            return True
+        bar, now = line.split(":", 1)[0], self.clock()
+        if bar not in self.last or "100%|" in line or now - self.last[bar] >= self.every:
+            self.last[bar] = now
+            return True
+        return False
+
+
 def build_one(root: Path, effect: str, prefix: bool, out_lock: threading.Lock) -> int:
     """Reproduce one effect's chain; its output line by line (prefixed), or passed through as it is (one job)."""
     with partition_lock(root, effect, on_wait=lambda m: print(f"[{effect}] {m}", flush=True)):
@@ -48,11 +66,12 @@ def build_one(root: Path, effect: str, prefix: bool, out_lock: threading.Lock) -
         env = {**dvc_env(), "TQDM_DISABLE": "0"}  # progress lines every 15 s (a pipe, not a terminal)
         proc = subprocess.Popen(command(effect), cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert proc.stdout is not None
-        pending = b""
+        pending, bars = b"", ProgressThrottle()
         for chunk in iter(lambda: proc.stdout.read1(65536), b""):
             pending += chunk
             *lines, pending = pending.replace(b"\r", b"\n").split(b"\n")
-            text = "".join(f"[{effect}] {ln.decode(errors='replace').rstrip()}\n" for ln in lines if ln.strip())
+            text = "".join(f"[{effect}] {ln}\n" for ln in (b.decode(errors="replace").rstrip() for b in lines)
+                           if ln.strip() and bars.show(ln))
             if text:
                 with out_lock:
                     sys.stdout.write(text)

@@ -36,3 +36,18 @@ def test_unknown_effect_is_one_line(tmp_path):
     root = make_project(tmp_path / "project")
     proc = run(root, "python", "-m", "orchestration.build", "nosuch", check=False)
     assert proc.returncode == 2 and "unknown effect 'nosuch'" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_progress_bars_are_thinned_not_lost():
+    from orchestration.build import ProgressThrottle
+
+    now = [0.0]
+    bars = ProgressThrottle(every=15, clock=lambda: now[0])
+    shown = []
+    for i in range(0, 101, 5):
+        now[0] = i * 0.5  # 50 s in all
+        line = f"train student: {i:3d}%|###| {i}/100"
+        shown.append(bars.show(line))
+    assert shown[0] and shown[-1]  # the first and the finished bar
+    assert 3 <= sum(shown) <= 6  # one every 15 s, not 21 lines
+    assert bars.show("[mobile_model] parity 48.3 dB")  # other lines always
