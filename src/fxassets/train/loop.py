@@ -328,7 +328,7 @@ def train_student(
             "encoder": cfg.encoder,
             "width": cfg.width,
             "crop_size": [int(h), int(w)],
-            "train": cfg.model_dump(mode="json"),
+            "train": cfg.recipe(),
             "metrics": metrics,
             "input": "N x 3 x H x W float RGB in [0, 1], H and W multiples of 32",
         }
