@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 import uuid
@@ -41,6 +42,7 @@ from fxassets.teachers.base import TeacherError
 log = logging.getLogger(__name__)
 INFLIGHT_PER_ACTOR = 2
 TEST_DIR_ENV = "FXASSETS_RAY_TEST_DIR"
+CONNECT_TIMEOUT = 5.0  # seconds for the address to answer at all
 
 
 class ExecutorError(ValueError):
@@ -64,6 +66,13 @@ def connect(address: str, key: str = "teacher.executor.address") -> tuple[bool, 
     if ray.is_initialized():
         return False, "the Ray runtime this process already joined"
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "logging_level": logging.WARNING}
+    if address not in ("auto", "local"):  # ray.init waits minutes on a GCS that is not there: a plain TCP check first
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
+        except OSError as exc:
+            raise ExecutorError(f"{key}: cannot reach a Ray cluster at {address!r}: {exc.strerror or exc} "
+                                f"({host}:{port}, {CONNECT_TIMEOUT:g} s to answer)") from None
     try:
         if address == "local":
             ray.init(**kw)
@@ -148,8 +157,10 @@ class TeacherWorker:
             error = exc
         seconds = time.perf_counter() - t0
         spent = (ledger.spent - spent0) if ledger is not None else 0.0
-        return {"outs": outs, "error": error, "seconds": seconds, "spent": spent, "runtime": self.teacher.runtime(),
-                "pid": os.getpid()}
+        import ray
+
+        runtime = {**self.teacher.runtime(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+        return {"outs": outs, "error": error, "seconds": seconds, "spent": spent, "runtime": runtime, "pid": os.getpid()}
 
     def close(self) -> None:
         if self.session is not None:  # the response cache entries of this actor's images: cached by the driver now
@@ -225,8 +236,11 @@ def run_on_ray(
     try:
         t0 = time.perf_counter()
         stats.resources = check_resources(ex.workers, ex.gpus_per_worker, ex.cpus_per_worker, where)
-        actor_cls = ray.remote(num_cpus=ex.cpus_per_worker, num_gpus=ex.gpus_per_worker, max_restarts=0,
-                               max_task_retries=0)(TeacherWorker)
+        opts: dict[str, Any] = {"num_cpus": ex.cpus_per_worker, "num_gpus": ex.gpus_per_worker, "max_restarts": 0,
+                                "max_task_retries": 0}
+        if os.environ.get(TEST_DIR_ENV):  # the test hook reaches workers started before it was set
+            opts["runtime_env"] = {"env_vars": {TEST_DIR_ENV: os.environ[TEST_DIR_ENV]}}
+        actor_cls = ray.remote(**opts)(TeacherWorker)
 
         def start(n: int) -> list[Any]:
             actors = [actor_cls.remote(*build) for _ in range(n)]
