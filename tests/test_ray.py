@@ -16,7 +16,8 @@ ray = pytest.importorskip("ray")
 from fxassets.core.config import Params  # noqa: E402
 from fxassets.core.paths import EffectPaths  # noqa: E402
 from fxassets.stages import run_stage  # noqa: E402
-from fxassets.teachers.ray_pool import TEST_DIR_ENV, Budget, ExecutorError  # noqa: E402
+from fxassets.core.ray_cluster import ExecutorError  # noqa: E402
+from fxassets.teachers.ray_pool import TEST_DIR_ENV, Budget  # noqa: E402
 
 from test_teachers import TINY, project  # noqa: E402
 
@@ -129,3 +130,82 @@ def test_the_driver_budget_never_lets_reservations_cross_max_cost():
     b.settle(1.5, 1.0)  # a batch back: two of its three images billed, one refused
     assert b.spent == 1.0 and b.affordable(5) == 1
     assert Budget().affordable(7) == 7  # a free teacher: no bound
+
+
+# -- training: DDP on 2 gloo workers ---------------------------------------------------------------------------
+
+DDP_RUN = """
+import sys
+import torch
+from pathlib import Path
+from fxassets.core.config import TrainConfig
+from fxassets.train.loop import train_student
+pairs, out, state, cfg = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), TrainConfig.model_validate_json(sys.argv[4])
+torch.set_num_threads(1)
+train_student(pairs, cfg, out / "student.safetensors", out / "metrics.json", out / "curve.csv", progress=False, state_dir=state)
+"""
+
+
+def test_ddp_on_two_workers_resumes_after_a_kill_and_lands_near_one_worker(tmp_path, cluster):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from fxassets.train.loop import train_student
+    from test_student import make_pairs, tiny_cfg
+
+    pairs = make_pairs(tmp_path / "pairs", n_train=6, n_held=2)
+
+    def train(name: str, cfg, state: Path | None = None) -> dict:
+        out = tmp_path / name
+        return train_student(pairs, cfg, out / "student.safetensors", out / "metrics.json", out / "curve.csv",
+                             progress=False, state_dir=state)
+
+    cfg1 = tiny_cfg(steps=20, eval_every=10, checkpoint_every=5)
+    before = torch.get_num_threads()
+    one = train("one", cfg1.model_copy(update={"threads": 1}))
+    torch.set_num_threads(before)
+
+    # 2 workers, the global batch of 4 split 2 + 2; the first run (its own driver, joining this cluster at its
+    # host:port) is SIGKILLed once rank 0 wrote a checkpoint, the second resumes from it
+    address = ray.get_runtime_context().gcs_address
+    cfg2 = cfg1.model_copy(update={"workers": 2, "ray_address": address})
+    state = tmp_path / "state"
+    proc = subprocess.Popen([sys.executable, "-c", DDP_RUN, str(pairs), str(tmp_path / "two"), str(state),
+                             cfg2.model_dump_json()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.monotonic() + 150
+        while not list(state.glob("step-*/meta.json")):
+            if proc.poll() is not None:
+                raise AssertionError(f"training exited {proc.returncode} first:\n{proc.stdout.read().decode()[-3000:]}")
+            assert time.monotonic() < deadline, "no checkpoint within 150 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (tmp_path / "two" / "student.safetensors").exists()
+
+    two = train("two", cfg2.model_copy(update={"ray_address": "auto"}), state)  # auto: the runtime this process joined
+    assert 5 <= two["resumed_from_step"] < 20 and two["steps"] == one["steps"] == 20
+    assert not state.exists()  # checkpoints, Ray Train's folder and the result file: all gone once the run is done
+    assert abs(two["heldout_psnr"] - one["heldout_psnr"]) < 2.0, (one, two)
+    c1, c2 = ((tmp_path / n / "curve.csv").read_text().splitlines()[1:] for n in ("one", "two"))
+    loss1, loss2 = (float(r.split(",")[1]) for r in (c1[-1], c2[-1]))
+    assert abs(loss1 - loss2) < 0.15 * loss1  # the same schedule on the same batches: the training losses agree
+
+
+def test_ddp_refuses_what_it_cannot_split(tmp_path):
+    from fxassets.train.distributed import check
+    from test_student import tiny_cfg
+
+    for kw, key in (({"batch_size": 1}, "train.batch_size"), ({"max_seconds": 5}, "train.max_seconds"),
+                    ({"gan_weight": 0.1}, "train.gan_weight")):
+        with pytest.raises(ValueError, match=rf"^{key}"):
+            check(tiny_cfg(workers=2, **kw))
