@@ -6,6 +6,7 @@ workers lands near one worker's figures."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -58,7 +59,11 @@ def test_unreachable_address_fails_in_one_line_naming_the_key(tmp_path):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, address="local", _node_ip_address="127.0.0.1")
+    from test_api_teachers import TOKEN
+
+    # the API teachers' workers read their credentials from their environment (a real cluster: its own secrets)
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, address="local", _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"GOOGLE_OAUTH_ACCESS_TOKEN": TOKEN}})
     yield ray.cluster_resources()
     ray.shutdown()
 
@@ -109,6 +114,29 @@ def test_a_killed_worker_loses_no_sample_and_computes_none_twice(tmp_path, clust
     assert out_md5s(root) == local and len(list((root / ".cache" / "fxassets" / "teacher").glob("*.json"))) == 6
 
 
+def test_the_stage_command_logs_the_pool_as_dagster_streams_it(tmp_path, cluster):
+    """What a Dagster asset runs (through `dvc repro`): `fxassets stage teacher_images`, its output streamed line by
+    line into the run's log (`orchestration.dvc_runner.stream`, progress bars off as there); the params name the
+    cluster (this one, by its host:port)."""
+    import sys
+
+    import yaml
+
+    from orchestration.dvc_runner import stream
+
+    root, params = project(tmp_path, n=3)
+    raw = with_executor(params, address=ray.get_runtime_context().gcs_address, workers=2).model_dump(mode="json")
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    lines: list[str] = []
+    cmd = [sys.executable, "-m", "fxassets.cli.main", "stage", "NAME", "--effect", "fx"]
+    for stage in ("prompts", "teacher_images"):
+        rc, out = stream([c.replace("NAME", stage) for c in cmd], root, lines.append, env={"PYTHONPATH": os.pathsep.join(sys.path)})
+        assert rc == 0, out[-3000:]
+    said = [line for line in lines if "teacher_images [ray]:" in line]
+    assert any("3 samples in" in line and "on 2 workers" in line for line in said), lines
+    assert any("3 samples on 2 workers (0 replaced)" in line for line in said), lines
+
+
 def test_missing_gpus_or_cpus_fail_before_dispatch(tmp_path, cluster):
     root, params = project(tmp_path, n=2)
     run_stage("prompts", params, "fx", root, progress=False)
@@ -118,6 +146,34 @@ def test_missing_gpus_or_cpus_fail_before_dispatch(tmp_path, cluster):
         run_stage("teacher_images", with_executor(params, workers=3), "fx", root, progress=False)
     assert not EffectPaths(root, "fx").teacher_dir.exists()
     assert not list((root / ".cache" / "fxassets" / "teacher").glob("*.json"))
+
+
+def test_an_api_teacher_on_two_workers_pays_once_per_sample_and_keeps_the_bound(tmp_path, cluster, monkeypatch):
+    from test_api_teachers import TOKEN, FakeApis, gemini
+
+    from fxassets.teachers.api.client import BudgetExceeded
+
+    monkeypatch.setenv("GOOGLE_OAUTH_ACCESS_TOKEN", TOKEN)
+    api = FakeApis()
+    try:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        root, params = project(tmp_path / "a", n=4, teacher=gemini(api.url, price_per_image=0.5, max_cost=5.0))
+        run_stage("prompts", params, "fx", root, progress=False)
+        s = run_stage("teacher_images", with_executor(params, workers=2, batch_size=1), "fx", root, progress=False)
+        assert s["ok"] == 4 and sorted(api.answered.values()) == [1, 1, 1, 1] and s["ray"]["spent_usd"] == 2.0
+        # every request times out (and may have been billed: counted as spent) and is retried: the run stops at the
+        # bound across both workers, 1.5 USD = 3 requests, where two workers with a bound each would send 6
+        api.requests.clear()
+        api.delay = 0.6
+        slow = gemini(api.url, price_per_image=0.5, max_cost=1.5, timeout=0.3, max_retries=5)
+        root, params = project(tmp_path / "b", n=3, teacher=slow)
+        run_stage("prompts", params, "fx", root, progress=False)
+        with pytest.raises(BudgetExceeded, match=r"teacher.max_cost 1.50 USD: spent 1.50 USD across 2 Ray workers"):
+            run_stage("teacher_images", with_executor(params, workers=2, batch_size=1), "fx", root, progress=False)
+        assert len(api.requests) == 3 and not EffectPaths(root, "fx").teacher_dir.exists()
+    finally:
+        api.close()
 
 
 def test_the_driver_budget_never_lets_reservations_cross_max_cost():

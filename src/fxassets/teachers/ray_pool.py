@@ -287,7 +287,7 @@ def run_on_ray(
                 stats.per_worker[str(i)] = stats.per_worker.get(str(i), 0) + len(recs)
                 done += len(recs)
                 bar.update(len(recs))
-                if not progress and time.monotonic() - last_said > 10:
+                if (not progress or getattr(bar, "disable", False)) and time.monotonic() - last_said > 10:  # no bar: a line
                     say(f"{done}/{len(todo)} samples done")
                     last_said = time.monotonic()
             dispatch()

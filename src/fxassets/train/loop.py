@@ -381,7 +381,9 @@ def train_student(
         write_text(curve_path, curve_csv(result.curve))
         checkpointer.clear()  # the outputs are the product now
         # the run, not the model: in the returned summary (the stage's run log), never in the outputs
+        ray = {"ray": {"workers": cfg.workers, "backend": "nccl" if cfg.gpus_per_worker > 0 else "gloo",
+                       "address": cfg.ray_address}} if cfg.workers > 1 else {}
         return {**metrics, "resumed_from_step": result.resumed_from, "train_seconds": round(result.seconds, 2),
-                "cpu": cpu_info()}  # the machine train_seconds is of (the weights are not: steps only)
+                "cpu": cpu_info(), **ray}  # the machine train_seconds is of (the weights are not: steps only)
     finally:
         torch.set_num_threads(threads_before)
