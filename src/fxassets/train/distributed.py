@@ -35,7 +35,9 @@ RESULT = "ddp-result.pt"
 
 
 def say(msg: str) -> None:
-    print(f"student_checkpoint [ray]: {msg}", file=sys.stderr, flush=True)
+    # not print(): Ray Train patches it on its workers into its logger, which shows every line twice
+    sys.stderr.write(f"student_checkpoint [ray]: {msg}\n")
+    sys.stderr.flush()
 
 
 def check(cfg: TrainConfig) -> None:
