@@ -7,7 +7,7 @@
   cluster started once; the ratio to local. The actors' start-up (building the teacher) is inside the figure, the
   cluster's is not (below);
 - Ray's fixed overhead for a 100-sample stage: the same stage on 64 px faces without face scaling (the teacher takes
-  about a millisecond a sample, so the wall time is the plumbing), local against 1 Ray actor, split into starting
+  about a millisecond a sample, so the wall time is the plumbing), local against 1 Ray actor (medians of 3), split into starting
   the cluster (`ray.init`, a local one), starting the actor, and the rest (dispatch, transfers, per batch);
 - DDP step time: the default student (crop 128, global batch 8) on 2 gloo workers (1 thread each) against one
   process at 1 and at 2 threads, seconds per step over the training loop (`train_seconds / steps`, one evaluation
@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -83,9 +84,11 @@ def bench_overhead(n: int) -> dict:
 
     with tempfile.TemporaryDirectory() as d:
         root, params = _project(Path(d), n, px=64, eye=0)
-        local, _ = _stage(root, params)
         batch = 8
-        secs, s = _stage(root, _with(params, workers=1, batch_size=batch))
+        local = statistics.median(_stage(root, params)[0] for _ in range(3))  # medians of 3: a busy machine
+        runs = [_stage(root, _with(params, workers=1, batch_size=batch)) for _ in range(3)]
+        secs = statistics.median(r[0] for r in runs)
+        s = {"ray": {"startup_seconds": statistics.median(r[1]["ray"]["startup_seconds"] for r in runs)}}
         ray.shutdown()
         secs_own, _ = _stage(root, _with(params, workers=1, batch_size=batch, address="local"))  # starts its own
         cluster = secs_own - secs

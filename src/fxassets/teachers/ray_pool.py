@@ -181,6 +181,7 @@ def run_on_ray(
     budget = budget or Budget()
     stats = PoolStats()
     started, where = connect(ex.address)
+    actors: list[Any] = []
     try:
         t0 = time.perf_counter()
         stats.resources = check_resources(ex.workers, ex.gpus_per_worker, ex.cpus_per_worker, where)
@@ -191,20 +192,22 @@ def run_on_ray(
         actor_cls = ray.remote(**opts)(TeacherWorker)
 
         def start(n: int) -> list[Any]:
-            actors = [actor_cls.remote(*build) for _ in range(n)]
+            new = [actor_cls.remote(*build) for _ in range(n)]
             try:
-                ray.get([a.ready.remote() for a in actors], timeout=ex.startup_timeout)
-            except GetTimeoutError:
-                raise ExecutorError(f"teacher.executor.startup_timeout: the Ray workers did not start within "
-                                    f"{ex.startup_timeout:g} s on {where} ({stats.resources})") from None
-            except (RayActorError, RayTaskError) as exc:
+                ray.get([a.ready.remote() for a in new], timeout=ex.startup_timeout)
+            except (GetTimeoutError, RayActorError, RayTaskError) as exc:
+                for a in new:
+                    ray.kill(a, no_restart=True)
+                if isinstance(exc, GetTimeoutError):
+                    raise ExecutorError(f"teacher.executor.startup_timeout: the Ray workers did not start within "
+                                        f"{ex.startup_timeout:g} s on {where} ({stats.resources})") from None
                 raise ExecutorError(f"teacher.executor: a Ray worker could not build the teacher: {_cause(exc)}") from None
-            return actors
+            return new
 
         size = max(1, ex.batch_size or batch_size)
         queue: deque[list[tuple[str, dict[str, Any]]]] = deque(todo[i : i + size] for i in range(0, len(todo), size))
         n_workers = min(ex.workers, max(1, len(queue)))
-        actors = start(n_workers)
+        actors.extend(start(n_workers))
         stats.workers = n_workers
         stats.startup_seconds = round(time.perf_counter() - t0, 3)
         say(f"{len(todo)} samples in {len(queue)} batches on {n_workers} workers ({where}; {stats.resources}); "
@@ -261,8 +264,11 @@ def run_on_ray(
                         + (f"; {stats.restarts + 1} of {ex.max_worker_restarts} replacements" if stats.restarts < ex.max_worker_restarts else ""))
                     if stats.restarts < ex.max_worker_restarts and failure is None:
                         stats.restarts += 1
-                        actors.append(start(1)[0])
-                        load[len(actors) - 1] = 0
+                        try:
+                            actors.append(start(1)[0])
+                            load[len(actors) - 1] = 0
+                        except ExecutorError as exc:  # go on with the others; the batches in flight still count
+                            say(f"no replacement for worker {i}: {exc}")
                 if not load:
                     failure = failure or TeacherError(
                         f"every Ray worker died (teacher.executor.max_worker_restarts = {ex.max_worker_restarts} "
@@ -302,6 +308,8 @@ def run_on_ray(
         say(f"{done} samples on {stats.workers} workers ({stats.restarts} replaced): {stats.per_worker}")
         return stats
     finally:
+        for a in actors:  # a cluster this process keeps using (or a shared one) gets its CPUs and GPUs back now
+            ray.kill(a, no_restart=True)
         if started:
             ray.shutdown()
 
