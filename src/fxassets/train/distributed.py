@@ -70,6 +70,8 @@ def _worker(config: dict[str, Any]) -> None:
     _set_rng_state(p["rng"], gen)  # the driver's states right after it built the model: the stream one worker has
     cuda = cfg.gpus_per_worker > 0
     device = ray.train.torch.get_device() if cuda else torch.device("cpu")
+    if cuda and objective.lpips is not None:  # the loss's own network beside the student (kornia's SSIM follows its input)
+        objective.lpips.to(device)
 
     def reduce(x: float) -> float:
         t = torch.tensor([x], dtype=torch.float64, device=device)
