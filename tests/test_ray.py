@@ -53,6 +53,15 @@ def test_unreachable_address_fails_in_one_line_naming_the_key(tmp_path):
         assert "\n" not in str(exc.value)
     assert not EffectPaths(root, "fx").teacher_dir.exists() and not ray.is_initialized()
 
+    from fxassets.train.loop import train_student
+    from test_student import make_pairs, tiny_cfg
+
+    pairs = make_pairs(tmp_path / "pairs", n_train=2, n_held=1)
+    with pytest.raises(ExecutorError, match=r"^train\.ray_address: cannot reach a Ray cluster at '127.0.0.1:1'"):
+        train_student(pairs, tiny_cfg(workers=2, ray_address="127.0.0.1:1"), tmp_path / "s.safetensors",
+                      tmp_path / "m.json", tmp_path / "c.csv", progress=False)
+    assert not (tmp_path / "s.safetensors").exists()
+
 
 # -- on a local cluster ----------------------------------------------------------------------------------------
 
@@ -257,11 +266,18 @@ def test_ddp_on_two_workers_resumes_after_a_kill_and_lands_near_one_worker(tmp_p
     assert abs(loss1 - loss2) < 0.15 * loss1  # the same schedule on the same batches: the training losses agree
 
 
-def test_ddp_refuses_what_it_cannot_split(tmp_path):
+def test_ddp_refuses_what_it_cannot_split_or_place(tmp_path, cluster):
     from fxassets.train.distributed import check
-    from test_student import tiny_cfg
+    from fxassets.train.loop import train_student
+    from test_student import make_pairs, tiny_cfg
 
     for kw, key in (({"batch_size": 1}, "train.batch_size"), ({"max_seconds": 5}, "train.max_seconds"),
                     ({"gan_weight": 0.1}, "train.gan_weight")):
         with pytest.raises(ValueError, match=rf"^{key}"):
             check(tiny_cfg(workers=2, **kw))
+    pairs = make_pairs(tmp_path / "pairs", n_train=2, n_held=1)
+    for kw, msg in (({"gpus_per_worker": 2}, r"^train\.gpus_per_worker: 2 workers x 2 GPUs = 4 GPUs requested"),
+                    ({"workers": 3, "batch_size": 3}, r"^train\.workers: 3 workers x 1 CPUs = 3 CPUs requested")):
+        with pytest.raises(ExecutorError, match=msg):
+            train_student(pairs, tiny_cfg(**{"workers": 2, **kw}), tmp_path / "s.safetensors", tmp_path / "m.json",
+                          tmp_path / "c.csv", progress=False)
