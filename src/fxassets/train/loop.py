@@ -12,7 +12,9 @@ clock, in whole 2 % steps, so that a time-limited run still ends at a low learni
 its steps in time is deterministic (same seed, same weights).  Every ``cfg.eval_every`` steps and at the end the
 student is evaluated on the full-size held-out pairs (PSNR/SSIM against the teacher, beside the unchanged input's
 scores).  With a state folder, the run is resumable: every ``cfg.checkpoint_every`` steps it writes a checkpoint
-there (`fxassets.train.state`) and a restarted run continues from the latest one of the same run.
+there (`fxassets.train.state`) and a restarted run continues from the latest one of the same run.  With
+``cfg.workers`` > 1 the same loop runs on Ray Train workers with DDP, each on its slice of every global batch
+(`Shard`, `fxassets.train.distributed`).
 """
 
 from __future__ import annotations
