@@ -87,8 +87,11 @@ def test_colour_transform_starts_as_identity_and_stays_float_in_int8(tmp_path):
 
     model = onnx.load(str(pre))
     readers = [n for n in model.graph.node if "image" in n.input]
-    assert sum(n.op_type == "Conv" for n in readers) == 2  # the stem and the colour transform read the image
-    assert {n.name for n in readers} <= set(float_end_nodes(model, ["input"]))
+    # the stem and the colour transform (a MatMul of the reshaped image) read the image, and stay float
+    assert sum(n.op_type == "Conv" for n in readers) == 1 and any(n.op_type == "Reshape" for n in readers)
+    kept = set(float_end_nodes(model, ["input"]))
+    assert {n.name for n in readers} <= kept
+    assert {n.name for n in model.graph.node if n.op_type == "MatMul"} <= kept
 
 
 def _built_identity(root: Path, effect: str) -> None:
