@@ -273,6 +273,17 @@ class ExportConfig(_Strict):
                                                                   "stays in float")
     latency_runs: int = Field(50, ge=1)
     grid_samples: int = Field(4, ge=1)
+    targets: list[Literal["ort", "litert", "executorch", "coreml"]] = Field(
+        ["ort", "litert"], description="runtimes to export for (docs/mobile.md): ort (the ONNX and .ort files, "
+                                       "always built, the gate of the stage), litert (.tflite), executorch (.pte), "
+                                       "coreml; one that cannot be built here is reported skipped with the reason")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if "ort" not in v:
+            raise ValueError("'ort' must stay in the list: the ONNX models are the stage's reference and gate")
+        return list(dict.fromkeys(v))
 
 
 class Params(_Strict):
