@@ -166,7 +166,7 @@ class EffectConfig(_Strict):
     seed: int = 0
     teacher: EffectTeacher = EffectTeacher()
     quality: dict[str, float | bool] = Field(default_factory=dict, description="this effect's overrides of the quality: section")
-    export: dict[str, float | int | str] = Field(default_factory=dict, description="this effect's overrides of the export: section")
+    export: dict[str, float | int | str | list[str]] = Field(default_factory=dict, description="this effect's overrides of the export: section")
     train: dict[str, Any] = Field(default_factory=dict, description="this effect's overrides of the train: section")
 
     @field_validator("train")
@@ -183,10 +183,14 @@ class EffectConfig(_Strict):
 
     @field_validator("export")
     @classmethod
-    def _export_keys(cls, v: dict[str, float | int | str]) -> dict[str, float | int | str]:
+    def _export_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(v) - set(ExportConfig.model_fields))
         if unknown:
             raise ValueError(f"unknown export setting(s) {unknown}; known: {', '.join(ExportConfig.model_fields)}")
+        try:
+            with_overrides(ExportConfig(), v)  # values checked now (a list such as targets), not at export time
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
         return v
 
     @field_validator("quality")
