@@ -113,12 +113,14 @@ def test_litert_target(tmp_path, patched_student):
     p, run, report = _export(tmp_path, patched_student, ["ort", "litert"])
     _check_built(p, run, report, "litert", ".tflite")
     assert report["targets"]["litert"]["float_ops"].get("CONV_2D") == 1
+    _runner_on(p["out_dir"] / "targets" / "student.int8.tflite", "litert")
 
 
 def test_executorch_target(tmp_path, patched_student):
     pytest.importorskip("executorch")
     p, run, report = _export(tmp_path, patched_student, ["ort", "executorch"])
     _check_built(p, run, report, "executorch", ".pte")
+    _runner_on(p["out_dir"] / "targets" / "student.int8.pte", "executorch")
     e = report["targets"]["executorch"]
     assert e["float_ops"].get("conv2d") == 1 and e["outside_xnnpack"].keys() <= {"dim_order_ops._to_dim_order_copy.default"}
 
@@ -127,3 +129,24 @@ def test_model_session_errors(tmp_path):
     for suffix in (".tflite", ".pte"):
         with pytest.raises(FileNotFoundError, match="model not found"):
             model_session(tmp_path / f"none{suffix}")
+
+
+def test_apply_engines_read_the_target_files(tmp_path):
+    """`fxassets apply --engine litert|executorch` runs data/mobile/E/targets/student.int8.{tflite,pte}."""
+    from fxassets.cli.apply import make_runner
+
+    p = Params.model_validate({"effects": {"fx": {"prompt": "x"}}})
+    for engine, name in (("litert", "student.int8.tflite"), ("executorch", "student.int8.pte")):
+        with pytest.raises(FileNotFoundError, match=rf"data/mobile/fx/targets/{name}: model not found"):
+            make_runner(p, "fx", engine, root=tmp_path)
+
+
+def _runner_on(path: Path, engine: str):
+    from fxassets.core.config import FacesConfig
+    from fxassets.runtime import EffectRunner
+
+    runner = EffectRunner(FacesConfig(crop_size=SIZE), engine, model_path=path)
+    crop = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    out = runner.run_crop(crop)
+    runner.close()
+    assert out.shape == crop.shape and out.dtype == np.uint8

@@ -28,7 +28,7 @@ import numpy as np
 from fxassets.core.atomic import atomic_path
 
 # target -> file name in the stage's `targets/` folder
-TARGET_FILES = {"litert": "student.int8.tflite", "executorch": "student.int8.pte", "coreml": "student.mlpackage"}
+TARGET_FILES = {"litert": "student.int8.tflite", "executorch": "student.int8.pte"}
 # target -> the packages it needs to build, and the one that runs it (the first importable name of each)
 BUILD_NEEDS = {"litert": ("litert_torch", "ai_edge_litert"), "executorch": ("executorch",), "coreml": ("coremltools",)}
 INSTALL_HINT = {
@@ -218,6 +218,8 @@ def export_targets(names: Sequence[str], model, calibration: Sequence[np.ndarray
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for f in TARGET_FILES.values():  # an earlier run's file never passes for this one's (a target now skipped)
+        (out_dir / f).unlink(missing_ok=True)
     entries: dict[str, dict] = {}
     for name in names:
         if name == "ort":
