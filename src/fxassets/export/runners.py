@@ -3,8 +3,8 @@
 and `fxassets bench` run every target the same way (`fxassets.export.session.model_session` picks one by suffix).
 
 Both run on the CPU through XNNPACK with a fixed thread count; with one thread the work runs on the calling thread
-(so `latency_compare(clock="cpu")` times them like ORT).  ExecuTorch's thread pool is one per process: each run
-sets it to the session's thread count when another session changed it.
+(so `latency_compare(clock="cpu")` times them like ORT).  ExecuTorch's thread pool is one per process
+(`ExecuTorchSession`).
 """
 
 from __future__ import annotations
@@ -48,22 +48,38 @@ class LiteRTSession:
         return [self.interpreter.get_tensor(self._out["index"]).copy()]
 
 
-_ET_THREADS: list[int] = [0]  # the process's ExecuTorch thread pool size as last set here
+_ET_THREADS: list[int] = [0]  # the process's ExecuTorch thread pool size as last set here (0: never set)
+
+
+def _et_threads(n: int) -> None:
+    """Size ExecuTorch's one thread pool; only before a method is loaded: XNNPACK's runtime keeps the pool it was
+    created with, and running it after a reset deadlocks (seen here on executorch 1.5.1)."""
+    if _ET_THREADS[0] != n:
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(n)
+        _ET_THREADS[0] = n
 
 
 class ExecuTorchSession:
-    """A .pte program (ExecuTorch runtime, XNNPACK delegate), method "forward", `threads` threads (>= 1)."""
+    """A .pte program (ExecuTorch runtime, XNNPACK delegate), method "forward", `threads` threads (>= 1).  The
+    thread pool is the process's: loading a session with another thread count resizes it, and a session whose
+    count is no longer the pool's reloads its method before it runs (never one method on a resized pool)."""
 
     def __init__(self, path: str | Path, threads: int = 1):
         _missing(Path(path), "executorch", "pip install -c constraints.txt -e '.[mobile]'")
-        import torch  # noqa: F401  (the runtime's tensors)
-        from executorch.runtime import Runtime
-
         self.path = Path(path)
         self.threads = max(1, int(threads or 1))
-        self.method = Runtime.get().load_program(str(path)).load_method("forward")
+        self._load()
         meta = self.method.metadata
         self._shape = [int(d) for d in meta.input_tensor_meta(0).sizes()]
+
+    def _load(self) -> None:
+        from executorch.runtime import Runtime
+
+        _et_threads(self.threads)
+        self.method = Runtime.get().load_program(str(self.path)).load_method("forward")
+        self._pool = self.threads
 
     def get_inputs(self):
         return [SimpleNamespace(name="image", shape=list(self._shape))]
@@ -71,11 +87,8 @@ class ExecuTorchSession:
     def run(self, output_names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import torch
 
-        if _ET_THREADS[0] != self.threads:
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-            _unsafe_reset_threadpool(self.threads)
-            _ET_THREADS[0] = self.threads
+        if _ET_THREADS[0] != self._pool:  # another session resized the pool since this one loaded
+            self._load()
         (x,) = feeds.values()
         (y,) = self.method.execute([torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))])
         return [y.numpy().copy()]
