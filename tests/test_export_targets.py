@@ -40,8 +40,6 @@ def test_targets_config():
 
 
 def test_a_target_that_cannot_be_built_is_skipped_with_its_reason(tmp_path, patched_student, monkeypatch):
-    monkeypatch.setattr(ex_targets, "missing_package", lambda t: "litert_torch not installed: test")
-
     def broken(*a, **k):
         raise RuntimeError("aten.foo is not supported\nmore detail")
 
@@ -53,7 +51,7 @@ def test_a_target_that_cannot_be_built_is_skipped_with_its_reason(tmp_path, patc
     assert t["litert"] == {"status": "skipped", "reason": "litert: not here"}
     assert t["executorch"]["status"] == "skipped"
     assert t["executorch"]["reason"] == "executorch export failed: RuntimeError: aten.foo is not supported"
-    assert t["coreml"]["status"] == "skipped" and "Core ML" in t["coreml"]["reason"]
+    assert t["coreml"] == {"status": "skipped", "reason": "coreml: not here"}
     targets_dir = p["out_dir"] / "targets"
     assert sorted(f.name for f in targets_dir.iterdir()) == ["targets.json"]  # nothing half-written
     assert json.loads((targets_dir / "targets.json").read_text())["litert"]["status"] == "skipped"
@@ -150,3 +148,17 @@ def _runner_on(path: Path, engine: str):
     out = runner.run_crop(crop)
     runner.close()
     assert out.shape == crop.shape and out.dtype == np.uint8
+
+
+def test_coreml_target_is_built_but_unverified(tmp_path, patched_student):
+    pytest.importorskip("coremltools")
+    p, run, report = _export(tmp_path, patched_student, ["ort", "coreml"])
+    e = report["targets"]["coreml"]
+    pkg = p["out_dir"] / "targets" / "student.w8.mlpackage"
+    assert e["status"] == "unverified" and "Apple devices only" in e["reason"] and e["file"] == pkg.name
+    assert (pkg / "Manifest.json").is_file() and e["bytes"] > 0 and e["activations"] == "fp16"
+    assert "coreml_ms_1t" not in run and "coreml_export_s" in run
+    manifest = json.loads((pkg / "Manifest.json").read_text())
+    ids = sorted(manifest["itemInfoEntries"])
+    ex_targets._canonical_manifest(pkg / "Manifest.json")  # the ids are the names', not random
+    assert sorted(json.loads((pkg / "Manifest.json").read_text())["itemInfoEntries"]) == ids

@@ -160,7 +160,7 @@ def export_mobile(checkpoint: Path, pairs_dir: Path, cfg: ExportConfig, out_dir:
     write_grid(grid_png, rows, GRID_LABELS)
 
     timed = {"fp32": onnx_fp32, "int8": onnx_int8, "ort": onnx_ort,
-             **{t: targets_dir / e["file"] for t, e in targets.items() if "file" in e}}
+             **{t: targets_dir / e["file"] for t, e in targets.items() if e["status"] in ("ok", "failed")}}
     say(f"latency of {', '.join(timed)}, 1 and 2 threads, {cfg.latency_runs} runs each, side by side")
     lat, lat2 = (latency_compare({k: model_session(p, n) for k, p in timed.items()}, threads=n, runs=cfg.latency_runs)
                  for n in (1, 2))

@@ -1,6 +1,7 @@
 """The runtimes phones use beside ONNX Runtime: LiteRT (`.tflite`, litert-torch) and ExecuTorch (`.pte`, the
 XNNPACK backend), both int8 from the same student through PyTorch's PT2E quantization, calibrated on the same crops
-as the ORT model.  Core ML is named but not built yet (see `build_target`).
+as the ORT model; Core ML (`.mlpackage`, coremltools) with int8 weights and fp16 activations, the most it can
+quantize without running the model, which Linux cannot: it is built but not verified here (status "unverified").
 
 Each builder returns a dict (`file`, `bytes`, `float_ops`: the compute ops the runtime runs in float, per op, and
 `quantized_ops`, `export_s`, `versions`) or raises `TargetSkipped` with a one-line reason (a package missing, an
@@ -28,7 +29,7 @@ import numpy as np
 from fxassets.core.atomic import atomic_path
 
 # target -> file name in the stage's `targets/` folder
-TARGET_FILES = {"litert": "student.int8.tflite", "executorch": "student.int8.pte"}
+TARGET_FILES = {"litert": "student.int8.tflite", "executorch": "student.int8.pte", "coreml": "student.w8.mlpackage"}
 # target -> the packages it needs to build, and the one that runs it (the first importable name of each)
 BUILD_NEEDS = {"litert": ("litert_torch", "ai_edge_litert"), "executorch": ("executorch",), "coreml": ("coremltools",)}
 INSTALL_HINT = {
@@ -99,16 +100,21 @@ def pt2e_quantize(model, quantizer, calibration: Sequence[np.ndarray], fold: boo
 
 
 def pt2e_float_ops(gm) -> tuple[dict[str, int], dict[str, int]]:
-    """(float ops, int8 ops) of a converted PT2E graph: a compute op is int8 when every tensor it reads comes
-    from a dequantize (the runtime fuses dequantize -> op -> quantize into an int8 kernel), else float."""
+    """(float ops, int8 ops) of a converted PT2E graph: a compute op is int8 when every tensor it reads comes from
+    a dequantize or from an int8 op (a ReLU after an int8 conv: XNNPACK fuses dequantize -> conv -> relu ->
+    quantize into one int8 kernel), else float."""
     skip = ("quantize", "dequantize", "getitem", "sym_size", "_assert", "alloc")
-    fl, q = Counter(), Counter()
+    fl, q, int8 = Counter(), Counter(), set()
     for n in gm.graph.nodes:
         if n.op != "call_function" or any(s in str(n.target) for s in skip):
             continue
-        name = str(getattr(n.target, "__name__", n.target)).split(".")[0]
+        name = str(getattr(n.target, "__name__", n.target)).split(".")[0].rstrip("_")
         ins = [a for a in n.all_input_nodes if a.op != "get_attr"]
-        (q if ins and all("dequantize" in str(a.target) for a in ins) else fl)[name] += 1
+        if ins and all("dequantize" in str(a.target) or a in int8 for a in ins):
+            int8.add(n)
+            q[name] += 1
+        else:
+            fl[name] += 1
     return dict(sorted(fl.items())), dict(sorted(q.items()))
 
 
@@ -170,6 +176,54 @@ def build_executorch(model, calibration: Sequence[np.ndarray], path: Path, keep_
             "versions": {"executorch": _version("executorch")}}
 
 
+def build_coreml(model, calibration: Sequence[np.ndarray], path: Path, keep_float: Sequence[str]) -> dict[str, Any]:
+    """Core ML ML program (iOS 17), per-channel int8 weights (`linear_quantize_weights`; weights under 2048
+    elements, the first conv's among them, stay fp16), fp16 activations.  Activation quantization needs the model
+    run on calibration data, which coremltools can only do on macOS.  The package's manifest ids are made
+    deterministic (coremltools draws random UUIDs)."""
+    import os
+
+    import coremltools as ct
+    import torch
+    from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+
+    x0 = torch.from_numpy(np.ascontiguousarray(calibration[0]))
+    ep = torch.export.export(model, (x0,)).run_decompositions({})
+    ml = ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17,
+                    inputs=[ct.TensorType(name="image", shape=tuple(x0.shape))], outputs=[ct.TensorType(name="output")])
+    ml = linear_quantize_weights(ml, OptimizationConfig(global_config=OpLinearQuantizerConfig(
+        mode="linear_symmetric", granularity="per_channel")))
+    ops = Counter(op.op_type for op in ml._mil_program.functions["main"].operations)  # noqa: SLF001
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.mlpackage")  # coremltools wants the suffix
+    try:
+        ml.save(str(tmp))
+        _canonical_manifest(tmp / "Manifest.json")
+        _remove(path)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+    weights = sum(v for k, v in ops.items() if k.startswith("constexpr_"))
+    return {"float_ops": {k: v for k, v in sorted(ops.items()) if not k.startswith(("constexpr_", "const"))},
+            "quantized_ops": {"int8 weight tensors": weights}, "activations": "fp16",
+            "versions": {"coremltools": ct.__version__}, "runnable": False,
+            "reason": "Core ML runs on Apple devices only: parity and latency not measured on this machine"}
+
+
+def _canonical_manifest(manifest: Path) -> None:
+    import json
+    import uuid
+
+    doc = json.loads(manifest.read_text())
+    ids = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "fxassets/" + e["name"])) for old, e in doc["itemInfoEntries"].items()}
+    doc["itemInfoEntries"] = {ids[k]: v for k, v in sorted(doc["itemInfoEntries"].items(), key=lambda kv: ids[kv[0]])}
+    doc["rootModelIdentifier"] = ids.get(doc["rootModelIdentifier"], doc["rootModelIdentifier"])
+    manifest.write_text(json.dumps(doc, indent=4, sort_keys=True))
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def _version(dist: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -179,16 +233,13 @@ def _version(dist: str) -> str | None:
         return None
 
 
-BUILDERS = {"litert": build_litert, "executorch": build_executorch}
+BUILDERS = {"litert": build_litert, "executorch": build_executorch, "coreml": build_coreml}
 
 
 def build_target(target: str, model, calibration: Sequence[np.ndarray], out_dir: Path,
                  keep_float: Sequence[str]) -> dict[str, Any]:
     """Build `target` into `out_dir / TARGET_FILES[target]`; raises TargetSkipped (the reason) when it cannot be
     built here.  The model is the student's export form (`inference_form`), float, eval mode."""
-    if target == "coreml":
-        raise TargetSkipped("Core ML is not built yet: coremltools converts on Linux but cannot run the model, "
-                            "so its parity cannot be checked here (docs/mobile.md)")
     reason = missing_package(target)
     if reason:
         raise TargetSkipped(reason)
@@ -197,10 +248,19 @@ def build_target(target: str, model, calibration: Sequence[np.ndarray], out_dir:
     try:
         info = BUILDERS[target](model, calibration, path, keep_float)
     except Exception as exc:  # an op the converter or the partitioner cannot take: the target, not the stage, fails
-        path.unlink(missing_ok=True)
+        _remove(path)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise TargetSkipped(f"{target} export failed: {type(exc).__name__}: {first[:300]}") from exc
-    return {"file": path.name, "bytes": path.stat().st_size, **info, "export_s": round(time.perf_counter() - t0, 3)}
+    return {"file": path.name, "bytes": _size(path), **info, "export_s": round(time.perf_counter() - t0, 3)}
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def export_targets(names: Sequence[str], model, calibration: Sequence[np.ndarray], out_dir: Path,
@@ -208,8 +268,8 @@ def export_targets(names: Sequence[str], model, calibration: Sequence[np.ndarray
                    targets: Sequence[np.ndarray], min_parity_db: float, say=lambda msg: None) -> dict[str, dict]:
     """Every target of `names` but "ort" built into `out_dir` and checked on the held-out `inputs`: parity
     against the fp32 outputs `ref` (mean and worst PSNR), PSNR against the teacher's `targets` (uint8).  Returns
-    target -> its entry: `status` "ok", "failed" (below `min_parity_db`: reported and kept, the stage goes on) or
-    "skipped" (`reason`), and for a built one `file`, `bytes`, `parity_psnr_db`, `parity_min_psnr_db`,
+    target -> its entry: `status` "ok", "failed" (below `min_parity_db`: reported and kept, the stage goes on),
+    "unverified" (built, cannot run here: Core ML on Linux) or "skipped" (`reason`), and for a built one `file`, `bytes`, `parity_psnr_db`, `parity_min_psnr_db`,
     `int8_psnr_db`, `float_ops`, `quantized_ops`, `versions`.  `out_dir/targets.json` lists them (the folder
     always has a file, for DVC)."""
     from fxassets.core.atomic import write_json
@@ -219,7 +279,7 @@ def export_targets(names: Sequence[str], model, calibration: Sequence[np.ndarray
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in TARGET_FILES.values():  # an earlier run's file never passes for this one's (a target now skipped)
-        (out_dir / f).unlink(missing_ok=True)
+        _remove(out_dir / f)
     entries: dict[str, dict] = {}
     for name in names:
         if name == "ort":
@@ -230,6 +290,11 @@ def export_targets(names: Sequence[str], model, calibration: Sequence[np.ndarray
         except TargetSkipped as exc:
             say(f"target {name}: skipped: {exc}")
             entries[name] = {"status": "skipped", "reason": str(exc)}
+            continue
+        if not info.pop("runnable", True):  # built, cannot run here (Core ML on Linux)
+            entries[name] = {"status": "unverified", **{k: v for k, v in info.items() if k != "export_s"},
+                             "_export_s": info["export_s"]}
+            say(f"target {name}: built, not verified here ({info['bytes']} bytes)")
             continue
         sess = model_session(out_dir / info["file"], 1)
         outs = [run_model(sess, x) for x in inputs]
