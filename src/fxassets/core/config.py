@@ -280,7 +280,8 @@ class ExportConfig(_Strict):
     targets: list[Literal["ort", "litert", "executorch", "coreml"]] = Field(
         ["ort", "litert"], description="runtimes to export for (docs/mobile.md): ort (the ONNX and .ort files, "
                                        "always built, the gate of the stage), litert (.tflite), executorch (.pte), "
-                                       "coreml; one that cannot be built here is reported skipped with the reason")
+                                       "coreml (.mlpackage; cannot run on Linux: unverified); one that cannot "
+                                       "be built here is reported skipped with the reason")
 
     @field_validator("targets")
     @classmethod
