@@ -162,3 +162,19 @@ def test_coreml_target_is_built_but_unverified(tmp_path, patched_student):
     ids = sorted(manifest["itemInfoEntries"])
     ex_targets._canonical_manifest(pkg / "Manifest.json")  # the ids are the names', not random
     assert sorted(json.loads((pkg / "Manifest.json").read_text())["itemInfoEntries"]) == ids
+
+
+def test_bench_lists_every_target(tmp_path, patched_student, monkeypatch):
+    """`fxassets bench` names each target of export.targets with its build status; one not built says why."""
+    from fxassets.cli.bench import bench_targets
+    from fxassets.core.paths import EffectPaths
+
+    monkeypatch.setattr(ex_targets, "missing_package", lambda t: f"{t}: not here")
+    p = EffectPaths(tmp_path, "fx")
+    pairs = make_pairs(tmp_path / "pairs", train_people=2, heldout_people=1, per_person=1)
+    export_mobile(patched_student, pairs, _cfg(["ort", "litert"]), p.mobile_dir, p.onnx_fp32, p.onnx_int8, p.grid,
+                  p.mobile_report, progress=False, onnx_ort=p.onnx_ort, targets_dir=p.mobile_targets)
+    out = bench_targets(["ort", "litert", "executorch"], p, runs=2)
+    assert out["ort"]["status"] == "ok" and out["ort"]["bytes"] == p.onnx_ort.stat().st_size
+    assert out["litert"] == {"status": "skipped", "reason": "litert: not here"}
+    assert out["executorch"]["status"] == "not built"

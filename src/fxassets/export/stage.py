@@ -60,8 +60,8 @@ class ParityError(ValueError):
 
 def export_mobile(checkpoint: Path, pairs_dir: Path, cfg: ExportConfig, out_dir: Path, onnx_fp32: Path,
                   onnx_int8: Path, grid_png: Path, report_json: Path, progress: bool = True, *,
-                  onnx_ort: Path | None = None, targets_dir: Path | None = None, model_card: Path | None = None, train_metrics: Path | None = None,
-                  teacher_json: Path | None = None, faces_source: Path | None = None,
+                  onnx_ort: Path | None = None, targets_dir: Path | None = None, model_card: Path | None = None,
+                  train_metrics: Path | None = None, teacher_json: Path | None = None, faces_source: Path | None = None,
                   effect: str | None = None) -> dict[str, Any]:
     """The mobile_model stage: student checkpoint + face pairs -> fp32 and int8 ONNX, the int8 model in ORT format,
     grid, report and model card.
