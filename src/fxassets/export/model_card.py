@@ -74,12 +74,13 @@ def _targets_section(report: Mapping[str, Any], files: Mapping[str, str]) -> lis
         rows.append([name, f"`{files.get(name, t.get('file', '-'))}`" if t.get("file") else "-", t["status"],
                      _mb(t.get("bytes")), _f(t.get("parity_psnr_db"), ".1f", " dB"),
                      _f(t.get("parity_min_psnr_db"), ".1f", " dB"),
-                     ", ".join(f"{k} {v}" for k, v in fl.items()) or ("-" if t.get("file") else t.get("reason", ""))])
+                     t.get("reason", "") if t["status"] in ("skipped", "unverified")
+                     else ", ".join(f"{k} {v}" for k, v in fl.items()) or "-"])
     return ["## Other runtimes (`export.targets`)", "",
             "Built from the same student, int8, calibrated on the same train crops; parity against the fp32 "
             f"ONNX output on the same held-out pairs (gate {_f(report.get('min_parity_db'), '.1f')} dB: below it a "
             "target is reported failed and kept; only the ONNX Runtime model gates the stage).", "",
-            *_table(["target", "file", "status", "size", "parity", "worst pair", "ops in float (or why skipped)"],
+            *_table(["target", "file", "status", "size", "parity", "worst pair", "ops in float (or why not)"],
                     rows), ""]
 
 
