@@ -25,7 +25,9 @@ setup: $(VENV)/.installed
 setup-mobile: setup
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[mobile]'
 
-# Reproduce every effect with DVC (a second run is a no-op), then print the summary table. --keep-going: an effect
+# Reproduce every effect with DVC (a second run is a no-op), then print the summary table. The effects build side by
+# side, one `dvc repro --keep-going mobile_model@E` each (orchestration/build.py: one-thread trainings at once beat
+# two-thread ones in turn on 2 cores; FXASSETS_JOBS=1 builds one at a time). An effect
 # that fails (a gate, a stage error) does not stop the others; the table lists what built, then one line per effect
 # that did not (the figure, the bound, what to change), and the exit status is non-zero. (REPORT: the table, after
 # a build or a pull, keeping a failure's exit status.)
@@ -33,7 +35,7 @@ REPORT = mkdir -p .dvc/tmp; dvc status --json > .dvc/tmp/fxassets-status.json 2>
 	echo; fxassets report --dvc-status .dvc/tmp/fxassets-status.json || rc=$${rc/\#0/1}; exit $$rc
 run: setup
 	@test -d .dvc || { git rev-parse --git-dir >/dev/null 2>&1 && dvc init -q || dvc init -q --no-scm; dvc config core.analytics false; }
-	@rc=0; dvc repro --keep-going || rc=$$?; $(REPORT)
+	@rc=0; python -m orchestration.build $${FXASSETS_JOBS:+--jobs $$FXASSETS_JOBS} || rc=$$?; $(REPORT)
 
 # Several machines, one DVC remote (docs/scale.md). `make remote URL=s3://bucket/prefix [ENDPOINT=http://host:port]`
 # writes the remote into .dvc/config (commit it); credentials never go there: AWS_ACCESS_KEY_ID and

@@ -91,7 +91,7 @@ def teacher_images(p: EffectPaths) -> dict[str, Any]:
     ok = sum(r.get("status") == "ok" for r in recs)
     return {
         "samples": len(recs), "ok": ok, "errors": len(recs) - ok,
-        **_run(p, "teacher_images", "seconds_per_sample", "computed", "cached"),
+        **_run(p, "teacher_images", "seconds_per_sample", "computed", "cached", "ray"),  # ray: the actor pool's run
         "teacher_fingerprint": fp.get("hash", ""),
         "teacher": fp,
     }
@@ -176,7 +176,7 @@ def _curve_png(rows: list[dict[str, Any]]) -> str | None:
 
 def student_checkpoint(p: EffectPaths) -> dict[str, Any]:
     metrics = _json(p.train_metrics)
-    out: dict[str, Any] = {**_numbers(metrics), **_run(p, "student_checkpoint", "train_seconds", "resumed_from_step")}
+    out: dict[str, Any] = {**_numbers(metrics), **_run(p, "student_checkpoint", "train_seconds", "resumed_from_step", "ray")}
     if p.checkpoint.is_file():
         out["checkpoint_bytes"] = p.checkpoint.stat().st_size
     rows = _curve(p.train_curve)

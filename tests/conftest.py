@@ -92,7 +92,8 @@ def tiny_project(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def built_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny project on which `dvc repro` has run once (shared by the read-only end-to-end tests)."""
+    """A tiny project built once the way `make run` builds (`orchestration.build`: every effect's `dvc repro`, two
+    at once), shared by the read-only end-to-end tests; test_pipeline_dvc checks a plain `dvc repro` then does nothing."""
     root = make_project(tmp_path_factory.mktemp("built") / "project")
-    run(root, "dvc", "repro")
+    run(root, sys.executable, "-m", "orchestration.build", "--jobs", "2")
     return root

@@ -393,3 +393,13 @@ def test_dvc_plots_show_the_curves_beside_the_baseline(tmp_path):
                          ("student_ssim", ("heldout_ssim", "identity_ssim"))):
         series = {row["filename::field"] for row in shown["data"][plot][0]["content"]["data"]["values"]}
         assert series == {f"{e}/curve.csv::{f}" for e in effects for f in fields}, series
+
+
+def test_one_worker_checkpoint_records_the_train_config_as_before():
+    """train.workers / ray_address / gpus_per_worker (DDP on Ray, train/distributed.py) stay out of the checkpoint's
+    metadata while they are the defaults: a one-worker student keeps the bytes it had before they existed."""
+    from fxassets.core.config import EXECUTION_KEYS
+
+    assert not set(EXECUTION_KEYS) & set(TrainConfig().recipe())
+    assert set(TrainConfig().recipe()) | set(EXECUTION_KEYS) == set(TrainConfig.model_fields)
+    assert TrainConfig(workers=2).recipe()["workers"] == 2

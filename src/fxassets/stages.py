@@ -23,7 +23,8 @@ def stage_teacher_images(p: Params, effect: str, paths: EffectPaths, progress: b
     from fxassets.teachers import make_teacher
 
     teacher = make_teacher(p.teacher, p.effect(effect).teacher)
-    return run_teacher_images(teacher, paths.prompts, paths.teacher_dir, paths.root, progress, faces=p.faces)
+    return run_teacher_images(teacher, paths.prompts, paths.teacher_dir, paths.root, progress, faces=p.faces,
+                              executor=p.teacher.executor, build=(p.teacher, p.effect(effect).teacher))
 
 
 def stage_face_pairs(p: Params, effect: str, paths: EffectPaths, progress: bool) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from fxassets.core.executor_config import Executor
+
 # model id (a dated snapshot counts as its family) -> (the day it was shut down, its replacement)
 RETIRED: dict[str, tuple[str, str]] = {
     "dall-e-2": ("2026-05-12", "gpt-image-2"),
@@ -94,6 +96,7 @@ class _ApiTeacher(BaseModel):
     max_side: int = Field(1024, ge=16, le=4096, description="a source is sent at most this long side (px); output resized back")
     prompt_template: str = Field("{prompt}", min_length=1, description="'{prompt}' and source attributes ({age}, ...)")
     model: str = Field(min_length=1)
+    executor: Executor = "local"  # a Ray actor pool shares this run's max_cost (the driver reserves before dispatch)
 
     @field_validator("prompt_template")
     @classmethod

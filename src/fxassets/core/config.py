@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fxassets.core.api_config import GeminiImageTeacher, OpenAIImagesTeacher, check_template, retired_teacher
+from fxassets.core.executor_config import Executor, check_address
 from fxassets.core.yamlfile import YAMLError, load_yaml
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -51,6 +52,7 @@ class ClassicalTeacher(_Strict):
     sigma_r: float = Field(0.45, gt=0, le=1, description="range extent (cartoon, oil, watercolor)")
     sketch_sigma_r: float = Field(0.07, gt=0, le=1, description="range extent of the pencil sketch")
     shade_factor: float = Field(0.05, gt=0, le=0.1, description="pencil sketch shading")
+    executor: Executor = "local"  # where the samples compute (core/executor_config.py); in no fingerprint
 
 
 class _DiffusersTeacher(_Strict):
@@ -67,6 +69,7 @@ class _DiffusersTeacher(_Strict):
     batch_size: int = Field(1, ge=1, le=256, description="samples per pipeline call (never changes an output)")
     device: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="auto: CUDA when present, else CPU")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="auto: fp16 on CUDA, else fp32")
+    executor: Executor = "local"
 
     @field_validator("prompt_template")
     @classmethod
@@ -118,6 +121,7 @@ class LatentEditTeacher(_Strict):
     size: int | None = Field(None, ge=16, le=4096, description="resize G's (square) images to this side (px); null: as G makes them")
     batch_size: int = Field(8, ge=1, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    executor: Executor = "local"
 
 
 TeacherConfig = Annotated[
@@ -254,8 +258,29 @@ class TrainConfig(_Strict):
     eval_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(100, ge=0, description="steps between resumable checkpoints; 0 = none")
     seed: int = 0
-    threads: int = Field(2, ge=1)
+    threads: int = Field(1, ge=1)
     augment: AugmentConfig = AugmentConfig()
+    # DDP through Ray Train (train/distributed.py): the global batch (batch_size) split over the workers, same schedule
+    workers: int = Field(1, ge=1, le=1024, description="training processes; 1: this one (no Ray)")
+    ray_address: str = Field("auto", description="with workers > 1: auto | local | ray://host:port | host:port")
+    gpus_per_worker: float = Field(0.0, ge=0, le=16, description="with workers > 1: GPUs each (nccl), 0: CPU (gloo)")
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, v: str) -> str:
+        return check_address(v)
+
+    def recipe(self) -> dict[str, Any]:
+        """The config as the checkpoint records it: the executor keys left out while they are the defaults (one
+        worker), so that a one-worker checkpoint keeps the bytes it had before they existed."""
+        out = self.model_dump(mode="json")
+        if self.workers == 1:
+            for k in EXECUTION_KEYS:
+                out.pop(k)
+        return out
+
+
+EXECUTION_KEYS = ("workers", "ray_address", "gpus_per_worker")
 
 
 class ExportConfig(_Strict):
@@ -359,6 +384,8 @@ def _explain(path: Path, err: ValidationError, raw: dict[str, Any]) -> str:
         if len(loc) >= 2 and loc[0] == "teacher" and isinstance(raw.get("teacher"), dict):
             if loc[1] == raw["teacher"].get("kind", "classical"):
                 loc.pop(1)
+        if "executor" in loc[:-1] and loc[loc.index("executor") + 1] in ("local", "ray"):  # the executor's tag too
+            loc.pop(loc.index("executor") + 1)
         key = _loc(tuple(loc))
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")

@@ -100,11 +100,18 @@ HEAD_TAIL_OPS = frozenset({"Add", "Sub", "Mul", "Clip", "Relu", "DepthToSpace", 
                            "Sigmoid", "Tanh", "Max", "Min"})
 
 
+# what carries the image itself on to the output in float: the residual add and the clamp, the learned colour map
+# (`train.colour_transform`: reshape, matrix product, offset); a convolution reading the image is kept in float but
+# its output is the network's (quantized) business
+INPUT_PATH_OPS = frozenset({"Add", "Clip", "MatMul", "Reshape", "Mul", "Sub", "Max", "Min", "Identity"})
+
+
 def float_end_nodes(model: onnx.ModelProto, ends: Sequence[str] = FLOAT_ENDS) -> list[str]:
     """Names of the nodes at the network's ends to keep in float.
 
-    - "input": every node that reads a graph input (the first convolution; the residual add of the image), so
-      the image itself is never quantized.
+    - "input": every node that reads a graph input (the first convolution; the residual add of the image) and
+      what carries the image on from there (`INPUT_PATH_OPS`: the colour map's matrix product, the clamp), so the
+      image itself is never quantized.
     - "output": from each graph output back to and including the last convolution(s): the head's last 1x1 conv
       that writes the change, the pixel shuffle, the residual add and the clamp.
     """
@@ -114,9 +121,19 @@ def float_end_nodes(model: onnx.ModelProto, ends: Sequence[str] = FLOAT_ENDS) ->
     _, producer, consumers = _graph_index(model)
     inputs = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
     names: dict[str, None] = {}
-    if "input" in ends:
-        for i in sorted(inputs):
-            names.update((c.name, None) for c in consumers.get(i, []))
+    if "input" in ends:  # the nodes reading the image, and on from them up to a convolution's output
+        frontier, seen = sorted(inputs), set()
+        while frontier:
+            nxt = []
+            for t in frontier:
+                for c in consumers.get(t, []):
+                    if c.name in seen:
+                        continue
+                    seen.add(c.name)
+                    names[c.name] = None
+                    if c.op_type in INPUT_PATH_OPS:
+                        nxt.extend(c.output)
+            frontier = nxt
     if "output" in ends:
         frontier, seen = [o.name for o in model.graph.output], set()
         for _ in range(12):  # bounded: a head's tail is a few ops

@@ -107,9 +107,13 @@ def compute_samples(
 
 
 def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root: Path, progress: bool = True,
-                       faces: Any = None) -> dict[str, Any]:
+                       faces: Any = None, executor: Any = "local", build: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """`faces`: the FacesConfig; with `faces.teacher_eye_distance` > 0 the teacher sees each photo resized so that
-    its face has that eye distance (`fxassets.faces.scale`), and the sample keys include it."""
+    its face has that eye distance (`fxassets.faces.scale`), and the sample keys include it.
+
+    `executor`: `teacher.executor`; with a `RayExecutor` the uncached samples run on a Ray actor pool
+    (`teachers/ray_pool.py`), each actor building the teacher from `build` (the `teacher:` config and the effect's
+    teacher settings); the cache and the outputs are the same as local."""
     if not prompts_path.is_file():
         raise FileNotFoundError(f"{prompts_path}: prompts not found; run the prompts stage first")
     t_start = time.perf_counter()
@@ -160,10 +164,15 @@ def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root
         return out
 
     computed = len(todo)
+    on_ray = executor != "local" and computed > 0
+    pool: Any = None
     # run_session: a teacher behind a paid API checks its cost estimate for the uncached samples before any request
-    with FaceScaler(eye_px, *((faces.detector, faces.min_score) if eye_px else ())) as scaler, \
+    with FaceScaler(0 if on_ray else eye_px, *((faces.detector, faces.min_score) if eye_px and not on_ray else ())) as scaler, \
             teacher.run_session(computed), tqdm(total=len(prompts), initial=len(prompts) - computed, desc=f"teacher {fp['kind']}", unit="img", disable=not progress) as bar:
-        compute_samples(todo, cache, run_batch, teacher.batch_size, bar, teacher.runtime)
+        if on_ray:
+            pool = _run_on_ray(teacher, todo, cache, root, executor, build, (eye_px, faces), errors, bar, progress)
+        else:
+            compute_samples(todo, cache, run_batch, teacher.batch_size, bar, teacher.runtime)
     t_teacher = time.perf_counter()
 
     fresh = {key for key, _ in todo}
@@ -193,8 +202,62 @@ def run_teacher_images(teacher: Teacher, prompts_path: Path, out_dir: Path, root
         "computed": computed,
         "cached": reused,
         "teacher": fp,
-        "runtime": teacher.runtime() if computed else {},
+        "runtime": (pool.runtime if pool is not None else teacher.runtime()) if computed else {},
+        **({"ray": pool.summary()} if pool is not None else {}),
         "seconds_per_sample": round(secs / max(1, len(rows)), 4),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "assemble_seconds": round(time.perf_counter() - t_teacher, 3),
     }
+
+
+def _run_on_ray(teacher: Teacher, todo: list[tuple[str, dict[str, Any]]], cache: SampleCache, root: Path, ex: Any,
+                build: tuple[Any, Any] | None, view: tuple[float, Any], errors: dict[str, str], bar: tqdm,
+                progress: bool) -> Any:
+    """The uncached samples on a Ray actor pool (`teachers/ray_pool.py`); each result cached as it arrives."""
+    from fxassets.teachers.ray_pool import Budget, run_on_ray
+
+    if build is None:
+        raise ValueError("teacher.executor: the Ray executor needs the teacher's config to build it on the workers")
+    eye_px, faces = view
+    shape: dict[str, tuple[int, ...]] = {}
+
+    def read(rec: dict[str, Any]) -> np.ndarray | None:
+        try:
+            img = apply_capture(read_rgb(root / rec["source"]), rec.get("capture"))
+        except ImageError as exc:
+            errors[rec["sample_id"]] = str(exc)
+            return None
+        shape[rec["sample_id"]] = img.shape
+        return img
+
+    runtimes: list[dict[str, Any]] = []
+
+    def store(key: str, rec: dict[str, Any], out: Any, seconds: float, where: dict[str, Any]) -> None:
+        if isinstance(out, np.ndarray) and out.shape != shape.get(rec["sample_id"]):
+            raise ImageError(f"the {teacher.kind} teacher returned {out.shape}, expected {shape.get(rec['sample_id'])}")
+        base = {"sample_id": rec["sample_id"], "seed": rec["seed"], "prompt": rec.get("prompt", ""), "seconds": seconds, "runtime": where}
+        if isinstance(out, SampleRejected):
+            cache.put(key, None, {**base, "status": "error", "reason": str(out)})
+        elif isinstance(out, np.ndarray):
+            cache.put(key, out, {**base, "status": "ok", "reason": ""})
+        if not runtimes:
+            runtimes.append(where)
+
+    cfg = getattr(teacher, "cfg", None)
+    price = float(getattr(cfg, "price", 0.0) or 0.0) if hasattr(teacher, "client") else 0.0
+    budget = Budget(price, float(cfg.max_cost)) if price > 0 else None
+    det = (faces.detector, faces.min_score) if eye_px else ("short", 0.5)
+    stats = run_on_ray(todo, read, store, ex, (build[0], build[1], str(root), eye_px, *det), teacher.batch_size, bar,
+                       budget, progress)
+
+    class Pool:
+        runtime = runtimes[0] if runtimes else {}
+
+        @staticmethod
+        def summary() -> dict[str, Any]:
+            return {"address": ex.address, "workers": stats.workers, "replaced": stats.restarts,
+                    "batches_sent_again": stats.resent_batches, "samples_per_worker": stats.per_worker,
+                    "startup_seconds": stats.startup_seconds, "cluster": stats.resources,
+                    **({"spent_usd": round(budget.spent, 4)} if budget is not None else {})}
+
+    return Pool()

@@ -12,7 +12,9 @@ clock, in whole 2 % steps, so that a time-limited run still ends at a low learni
 its steps in time is deterministic (same seed, same weights).  Every ``cfg.eval_every`` steps and at the end the
 student is evaluated on the full-size held-out pairs (PSNR/SSIM against the teacher, beside the unchanged input's
 scores).  With a state folder, the run is resumable: every ``cfg.checkpoint_every`` steps it writes a checkpoint
-there (`fxassets.train.state`) and a restarted run continues from the latest one of the same run.
+there (`fxassets.train.state`) and a restarted run continues from the latest one of the same run.  With
+``cfg.workers`` > 1 the same loop runs on Ray Train workers with DDP, each on its slice of every global batch
+(`Shard`, `fxassets.train.distributed`).
 """
 
 from __future__ import annotations
@@ -126,9 +128,10 @@ def predict(model: nn.Module, source: torch.Tensor, batch: int = EVAL_BATCH) -> 
     model.eval()
     out = []
     h, w = source.shape[-2:]
+    device = next(model.parameters()).device  # the CPU, or a DDP worker's GPU
     for i in range(0, len(source), batch):
-        x = source[i : i + batch].float().div_(255.0)
-        out.append(model(pad_to_stride(x))[..., :h, :w])
+        x = source[i : i + batch].to(device).float().div_(255.0)
+        out.append(model(pad_to_stride(x))[..., :h, :w].cpu())
     model.train(was_training)
     return torch.cat(out)
 
@@ -187,6 +190,30 @@ def load_split(pairs_dir: Path, cfg: TrainConfig) -> tuple[PairSet, PairSet]:
 
 
 @dataclass
+class Shard:
+    """This process's part of a data-parallel run (`train.distributed`): rank `rank` of `world`. Every rank draws the
+    whole global batch from the same generator (the stream one worker draws) and trains on its slice; its loss is
+    weighted so that DDP's gradient average is the gradient of the global batch's mean loss. Rank 0 evaluates,
+    writes the checkpoints and the curve. The default, rank 0 of 1, is the plain one-process run."""
+
+    rank: int = 0
+    world: int = 1
+    wrap: Any = None  # the model -> the module the steps run (DistributedDataParallel)
+    device: Any = None
+    reduce: Any = None  # a float loss -> the mean over the ranks
+    say: Any = None  # a progress line (rank 0 of a distributed run: the cluster's log, the Dagster run's)
+
+    def bounds(self, batch: int) -> tuple[int, int]:
+        base, extra = divmod(batch, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (self.rank < extra)
+
+    def weight(self, batch: int) -> float:
+        a, b = self.bounds(batch)
+        return (b - a) * self.world / batch
+
+
+@dataclass
 class FitResult:
     scores: dict[str, float]  # final held-out psnr / ssim
     curve: list[dict[str, float]]  # one row per evaluation: step, train_loss, heldout_*, identity_*, seconds
@@ -199,21 +226,31 @@ class FitResult:
 def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: torch.Generator,
         progress: bool = False,
         objective: Objective | None = None, checkpointer: Checkpointer | None = None,
-        margin: float = DEFAULT_MARGIN) -> FitResult:
+        margin: float = DEFAULT_MARGIN, shard: Shard | None = None) -> FitResult:
     """The training loop: steps until cfg.steps or cfg.max_seconds, evaluating every cfg.eval_every and at the end;
-    resumes from and writes `checkpointer`'s checkpoints, if given."""
+    resumes from and writes `checkpointer`'s checkpoints, if given. `shard`: this rank of a data-parallel run."""
+    shard = shard or Shard()
+    lead = shard.rank == 0
+    if shard.device is not None:
+        model.to(shard.device)
     model.to(memory_format=torch.channels_last).train()
     objective = objective if objective is not None else Objective(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY, fused=True)
     baseline = identity_scores(held)
     resumed = checkpointer.restore(model, opt, objective, gen) if checkpointer is not None else None
+    net = shard.wrap(model) if shard.wrap is not None else model  # after the restore: DDP starts from its weights
+    lo, hi = shard.bounds(cfg.batch_size)
+    weight = shard.weight(cfg.batch_size)
     step, curve, losses, before = (resumed.step, resumed.curve, resumed.losses, resumed.elapsed) if resumed else (
         0, [], [], 0.0)
     t0 = time.perf_counter() - before  # a resumed run's budget counts the seconds before the interruption
-    bar = tqdm(total=cfg.steps, initial=step, desc="train student", unit="step", disable=not progress, leave=False,
+    bar = tqdm(total=cfg.steps, initial=step, desc="train student", unit="step", disable=not progress or not lead, leave=False,
                mininterval=0.1 if sys.stderr.isatty() else 15.0)  # a log file gets a line every 15 s, not 10 a second
 
     def record() -> None:
+        if not lead:
+            losses.clear()
+            return
         scores = evaluate(model, held)
         mean_loss = float(np.mean(losses)) if losses else float("nan")
         curve.append({"step": step, "train_loss": mean_loss, "heldout_psnr": scores["psnr"],
@@ -221,6 +258,8 @@ def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: 
                       "identity_ssim": baseline["ssim"], "seconds": time.perf_counter() - t0})
         losses.clear()
         bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{scores['psnr']:.2f}")
+        if shard.say is not None:
+            shard.say(f"step {step}/{cfg.steps}: loss {mean_loss:.4f}, held-out {scores['psnr']:.2f} dB")
 
     try:
         while step < cfg.steps:
@@ -234,20 +273,22 @@ def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: 
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * scale
             src, tgt = random_batch(train, cfg.batch_size, cfg.crop, gen, cfg.augment, margin)
+            if shard.world > 1:  # this rank's slice of the global batch, on its device
+                src, tgt = src[lo:hi].to(shard.device), tgt[lo:hi].to(shard.device)
             # channels-last on both sides: oneDNN runs the convolutions and the SSIM filters without relayouts
             src, tgt = src.contiguous(memory_format=torch.channels_last), tgt.contiguous(memory_format=torch.channels_last)
-            out = model(src)
+            out = net(src)
             loss = objective(src, out, tgt)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if shard.world == 1 else loss * weight).backward()
             opt.step()
             objective.adversary_step(src, out, tgt, scale)  # no-op without a GAN
             step += 1
-            losses.append(float(loss.detach()))
+            losses.append(float(loss.detach()) if shard.reduce is None else shard.reduce(float(loss.detach()) * weight))
             bar.update(1)
             if step % cfg.eval_every == 0 and step < cfg.steps:
                 record()
-            if checkpointer is not None and checkpointer.due(step, cfg.steps):
+            if lead and checkpointer is not None and checkpointer.due(step, cfg.steps):
                 checkpointer.save(step, model, opt, objective.state_dict(), gen, curve, losses,
                                   time.perf_counter() - t0)
         seconds = time.perf_counter() - t0
@@ -256,7 +297,7 @@ def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: 
     finally:
         bar.close()
     model.to(memory_format=torch.contiguous_format).eval()
-    last = curve[-1]
+    last = curve[-1] if curve else {"heldout_psnr": float("nan"), "heldout_ssim": float("nan")}  # ranks > 0: no curve
     return FitResult({"psnr": last["heldout_psnr"], "ssim": last["heldout_ssim"]}, curve, step, seconds, baseline,
                      resumed.step if resumed else 0)
 
@@ -304,8 +345,13 @@ def train_student(
         objective = Objective(cfg, lpips_root=root)
         key = run_key(cfg, pairs_dir / MANIFEST, objective.lpips_path, weights) if state_dir is not None else ""
         checkpointer = Checkpointer(state_dir, key, cfg.checkpoint_every)
-        result = fit(model, train, held, cfg, gen, progress=progress, objective=objective, checkpointer=checkpointer,
-                     margin=margin)
+        if cfg.workers > 1:  # DDP on a Ray cluster (train/distributed.py): the same loop on each worker
+            from fxassets.train.distributed import fit_on_ray
+
+            result = fit_on_ray(model, train, held, cfg, gen, progress, objective, checkpointer, margin, state_dir)
+        else:
+            result = fit(model, train, held, cfg, gen, progress=progress, objective=objective,
+                         checkpointer=checkpointer, margin=margin)
         baseline = result.identity
         h, w = held.source.shape[-2:]
         metrics: dict[str, Any] = {
@@ -328,7 +374,7 @@ def train_student(
             "encoder": cfg.encoder,
             "width": cfg.width,
             "crop_size": [int(h), int(w)],
-            "train": cfg.model_dump(mode="json"),
+            "train": cfg.recipe(),
             "metrics": metrics,
             "input": "N x 3 x H x W float RGB in [0, 1], H and W multiples of 32",
         }
@@ -337,7 +383,9 @@ def train_student(
         write_text(curve_path, curve_csv(result.curve))
         checkpointer.clear()  # the outputs are the product now
         # the run, not the model: in the returned summary (the stage's run log), never in the outputs
+        ray = {"ray": {"workers": cfg.workers, "backend": "nccl" if cfg.gpus_per_worker > 0 else "gloo",
+                       "address": cfg.ray_address}} if cfg.workers > 1 else {}
         return {**metrics, "resumed_from_step": result.resumed_from, "train_seconds": round(result.seconds, 2),
-                "cpu": cpu_info()}  # the machine train_seconds is of (the weights are not: steps only)
+                "cpu": cpu_info(), **ray}  # the machine train_seconds is of (the weights are not: steps only)
     finally:
         torch.set_num_threads(threads_before)

@@ -54,7 +54,7 @@ def run_key(cfg: TrainConfig, manifest: Path, lpips_file: Path | None = None, en
     package_dir = PACKAGE_DIR
     parts: dict[str, Any] = {
         "format": FORMAT,
-        "train": cfg.model_dump(mode="json"),
+        "train": cfg.model_dump(mode="json", exclude={"ray_address"}),  # where it runs is not what it makes
         "manifest": sha256_file(Path(manifest)),
         "lpips": sha256_file(lpips_file) if lpips_file is not None and Path(lpips_file).is_file() else None,
         "encoder": sha256_file(encoder_file) if encoder_file is not None and Path(encoder_file).is_file() else None,
