@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := False
 export DAGSTER_HOME ?= $(abspath .dagster_home)
 PYTEST_ARGS ?=
 
-.PHONY: setup run test ui bench exps clean remote push pull
+.PHONY: setup setup-mobile run test ui bench exps clean remote push pull
 
 # The pinned stack (constraints.txt): torch 2.14.1 + torchvision 0.29.1, dvc 3.67.1 and dagster 1.13.28 side by side.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -19,6 +19,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@touch $@
 
 setup: $(VENV)/.installed
+
+# The phone runtimes of export.targets on top of the stack (`mobile` extra: ExecuTorch, the LiteRT interpreter, Core
+# ML tools; ~20 s). The LiteRT exporter (litert-torch) cannot be resolved beside the stack's pins: docs/mobile.md.
+setup-mobile: setup
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[mobile]'
 
 # Reproduce every effect with DVC (a second run is a no-op), then print the summary table. The effects build side by
 # side, one `dvc repro --keep-going mobile_model@E` each (orchestration/build.py: one-thread trainings at once beat

@@ -198,9 +198,25 @@ def mobile_model(p: EffectPaths) -> dict[str, Any]:
     for f in (p.onnx_fp32, p.onnx_int8):
         if f.is_file() and f"{'int8' if 'int8' in f.name else 'fp32'}_bytes" not in out:
             out[f"{'int8' if 'int8' in f.name else 'fp32'}_bytes"] = f.stat().st_size
+    log = read_run_log(p.root, "mobile_model", p.effect)
+    out.update({k: v for k, v in log.items() if k.endswith(("_ms_1t", "_ms_2t")) and isinstance(v, (int, float))})
+    rows = []
+    for name, t in (report.get("targets") or {}).items():  # export.targets: every runtime, built or why not
+        out[f"{name}_status"] = t.get("status", "")
+        out.update(_numbers({k: t[k] for k in ("bytes", "parity_psnr_db") if k in t}, f"{name}_"))
+        rows.append(f"| {name} | {t.get('status')} | {t.get('bytes', '-')} | "
+                    f"{_fmt(t.get('parity_psnr_db'))} | {_fmt(log.get(f'{name}_ms_1t'))} | "
+                    f"{_fmt(log.get(f'{name}_ms_2t'))} | {t.get('reason', '')} |")
+    if rows:
+        out["targets"] = Markdown("| target | status | bytes | parity dB | ms 1t | ms 2t | reason |\n"
+                                  "| --- | --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows))
     if p.grid.is_file():
         out["grid"] = Markdown(f"before / teacher / student\n\n![grid]({_data_uri(p.grid, max_width=900)})")
     return out
+
+
+def _fmt(v: Any) -> str:
+    return "-" if not isinstance(v, (int, float)) else f"{v:.4g}"
 
 
 READERS: dict[str, Callable[[EffectPaths], dict[str, Any]]] = {

@@ -18,9 +18,9 @@ from fxassets.core.config import FacesConfig
 from fxassets.faces.detect import FaceDetector
 from fxassets.faces.align import align_matrix, warp_aligned
 from fxassets.faces.composite import composite, face_mask, mask_u8
-from fxassets.export.session import onnx_session, to_input, to_uint8
+from fxassets.export.session import model_session, onnx_session, to_input, to_uint8  # noqa: F401 (one session)
 
-Engine = Literal["int8", "fp32", "teacher"]
+Engine = Literal["int8", "fp32", "litert", "executorch", "teacher"]
 
 
 @dataclass
@@ -35,7 +35,8 @@ STAGES = ("detect", "track", "align", "model", "composite")
 
 
 class EffectRunner:
-    """Per-frame runtime. `engine` "int8" / "fp32" run the ONNX student at `model_path`; "teacher" runs `teacher`
+    """Per-frame runtime. `engine` "int8" / "fp32" run the ONNX student at `model_path` ("litert" / "executorch":
+    the .tflite / .pte model there, `fxassets.export.runners`); "teacher" runs `teacher`
     on the aligned crop (slow: for comparison). Every face found in a frame is processed; with `track` (frames of
     one video, in order) the one tracked face."""
 
@@ -49,7 +50,7 @@ class EffectRunner:
                 raise ValueError("engine 'teacher' needs a teacher")
             self.teacher = teacher
         else:
-            self.session = onnx_session(model_path, threads)
+            self.session = model_session(model_path, threads)
             inp = self.session.get_inputs()[0]
             self.input_name = inp.name
             if inp.shape[-1] != self.size:

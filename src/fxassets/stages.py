@@ -54,7 +54,8 @@ def stage_mobile_model(p: Params, effect: str, paths: EffectPaths, progress: boo
     return export_mobile(
         paths.checkpoint, paths.pairs_dir, p.export_for(effect), paths.mobile_dir,
         paths.onnx_fp32, paths.onnx_int8, paths.grid, paths.mobile_report, progress,
-        onnx_ort=paths.onnx_ort, model_card=paths.model_card, train_metrics=paths.train_metrics,
+        onnx_ort=paths.onnx_ort, targets_dir=paths.mobile_targets, model_card=paths.model_card,
+        train_metrics=paths.train_metrics,
         teacher_json=paths.teacher_dir / "teacher.json", faces_source=paths.root / p.faces.source, effect=effect,
     )
 

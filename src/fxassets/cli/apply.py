@@ -29,9 +29,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, type=Path, help="image, folder of images, or video (.mp4, .mov, ...)")
     p.add_argument("--output", required=True, type=Path,
                    help="output image / folder / video (with --aligned: a folder of crops)")
-    p.add_argument("--engine", choices=["int8", "fp32", "teacher"], default="int8")
+    p.add_argument("--engine", choices=["int8", "fp32", "litert", "executorch", "teacher"], default="int8",
+                   help="int8 / fp32: the ONNX models (ONNX Runtime); litert / executorch: the .tflite / .pte "
+                        "targets (export.targets; their runtimes: the `mobile` extra); teacher: for comparison")
     p.add_argument("--aligned", action="store_true", help="write the aligned output crops, not composited frames")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1, as on a phone core)")
+    p.add_argument("--threads", type=int, default=1, help="model threads (default 1, as on a phone core)")
     p.add_argument("--json", type=Path, help="also write the timing summary here")
     p.set_defaults(func=run)
     return p
@@ -47,7 +49,12 @@ def make_runner(params, effect: str, engine: str, threads: int = 1, root: Path =
         from fxassets.teachers import make_teacher
 
         return EffectRunner(params.faces, "teacher", teacher=make_teacher(params.teacher, cfg.teacher), track=track)
-    model = paths.onnx_int8 if engine == "int8" else paths.onnx_fp32
+    if engine in ("litert", "executorch"):
+        from fxassets.export.targets import TARGET_FILES
+
+        model = paths.mobile_targets / TARGET_FILES[engine]
+    else:
+        model = paths.onnx_int8 if engine == "int8" else paths.onnx_fp32
     return EffectRunner(params.faces, engine, model_path=model, threads=threads, track=track)
 
 

@@ -139,6 +139,43 @@ def bench_effect(params, effect: str, runs: int, frames: int, root: Path = Path(
     out["video_tracking"] = video["tracking"]
     out["fp32_bytes"] = p.onnx_fp32.stat().st_size
     out["int8_bytes"] = p.onnx_int8.stat().st_size
+    out["targets"] = bench_targets(params.export_for(effect).targets, p, runs)
+    return out
+
+
+def bench_targets(names: list[str], p, runs: int) -> dict[str, Any]:
+    """Every runtime of `export.targets` beside the ORT int8 model: its status in the build's report (with the
+    reason when it was not built), size, parity, and when its file is here and its runtime installed, its ms at 1
+    and 2 threads (wall clock) and at 1 thread in CPU time, measured side by side with the ORT int8 model."""
+    from fxassets.export.latency import latency_compare
+    from fxassets.export.session import model_session
+    from fxassets.export.targets import TARGET_FILES
+
+    built = (json.loads(p.mobile_report.read_text()).get("targets") or {}) if p.mobile_report.is_file() else {}
+    files = {"ort": p.onnx_ort, **{t: p.mobile_targets / TARGET_FILES[t] for t in names if t in TARGET_FILES}}
+    out: dict[str, Any] = {}
+    for t in names:
+        e = built.get(t, {"status": "not built", "reason": "not in this build's report.json"})
+        out[t] = {k: e[k] for k in ("status", "reason", "bytes", "parity_psnr_db", "float_ops") if k in e}
+    timed = {}
+    for t, f in files.items():
+        if t != "ort" and out.get(t, {}).get("status") in ("ok", "failed") and f.is_file():
+            try:
+                model_session(f, 1)
+                timed[t] = f
+            except (ModuleNotFoundError, ImportError) as exc:
+                out[t]["not_timed"] = str(exc)
+    if len(timed) and p.onnx_ort.is_file():
+        timed = {"ort": p.onnx_ort, **timed}
+        for n in (1, 2):
+            ms = latency_compare({k: model_session(f, n) for k, f in timed.items()}, threads=n, runs=runs, warmup=20)
+            for k, v in ms.items():
+                out.setdefault(k, {})[f"ms_{n}t"] = round(v, 3)
+        cpu = latency_compare({k: model_session(f, 1) for k, f in timed.items()}, threads=1, runs=runs, warmup=5,
+                              clock="cpu")
+        for k, v in cpu.items():
+            out[k]["cpu_ms_1t"] = round(v, 3)
+            out[k]["over_ort_cpu_1t"] = round(v / cpu["ort"], 3)
     return out
 
 

@@ -170,7 +170,7 @@ class EffectConfig(_Strict):
     seed: int = 0
     teacher: EffectTeacher = EffectTeacher()
     quality: dict[str, float | bool] = Field(default_factory=dict, description="this effect's overrides of the quality: section")
-    export: dict[str, float | int | str] = Field(default_factory=dict, description="this effect's overrides of the export: section")
+    export: dict[str, float | int | str | list[str]] = Field(default_factory=dict, description="this effect's overrides of the export: section")
     train: dict[str, Any] = Field(default_factory=dict, description="this effect's overrides of the train: section")
 
     @field_validator("train")
@@ -187,10 +187,14 @@ class EffectConfig(_Strict):
 
     @field_validator("export")
     @classmethod
-    def _export_keys(cls, v: dict[str, float | int | str]) -> dict[str, float | int | str]:
+    def _export_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(v) - set(ExportConfig.model_fields))
         if unknown:
             raise ValueError(f"unknown export setting(s) {unknown}; known: {', '.join(ExportConfig.model_fields)}")
+        try:
+            with_overrides(ExportConfig(), v)  # values checked now (a list such as targets), not at export time
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
         return v
 
     @field_validator("quality")
@@ -298,6 +302,18 @@ class ExportConfig(_Strict):
                                                                   "stays in float")
     latency_runs: int = Field(50, ge=1)
     grid_samples: int = Field(4, ge=1)
+    targets: list[Literal["ort", "litert", "executorch", "coreml"]] = Field(
+        ["ort", "litert"], description="runtimes to export for (docs/mobile.md): ort (the ONNX and .ort files, "
+                                       "always built, the gate of the stage), litert (.tflite), executorch (.pte), "
+                                       "coreml (.mlpackage; cannot run on Linux: unverified); one that cannot "
+                                       "be built here is reported skipped with the reason")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if "ort" not in v:
+            raise ValueError("'ort' must stay in the list: the ONNX models are the stage's reference and gate")
+        return list(dict.fromkeys(v))
 
 
 class Params(_Strict):

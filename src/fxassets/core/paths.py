@@ -117,6 +117,10 @@ class EffectPaths:
     def mobile_report(self) -> Path:
         return self.mobile_dir / "report.json"
 
+    @property
+    def mobile_targets(self) -> Path:  # the LiteRT / ExecuTorch / Core ML files and targets.json (export.targets)
+        return self.mobile_dir / "targets"
+
     # the figures `dvc exp show` lists (fxassets.stages.EXP_METRICS), tracked by git, not under data/
     def exp_metrics(self, stage: str) -> Path:
         return self.root / "metrics" / stage / f"{self.effect}.json"

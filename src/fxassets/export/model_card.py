@@ -63,6 +63,27 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return out
 
 
+def _targets_section(report: Mapping[str, Any], files: Mapping[str, str]) -> list[str]:
+    """The runtimes of `export.targets` beside the ORT model: status, file, size, parity, ops left in float."""
+    targets = {k: v for k, v in (report.get("targets") or {}).items() if k != "ort"}
+    if not targets:
+        return []
+    rows = []
+    for name, t in targets.items():
+        fl = t.get("float_ops") or {}
+        rows.append([name, f"`{files.get(name, t.get('file', '-'))}`" if t.get("file") else "-", t["status"],
+                     _mb(t.get("bytes")), _f(t.get("parity_psnr_db"), ".1f", " dB"),
+                     _f(t.get("parity_min_psnr_db"), ".1f", " dB"),
+                     t.get("reason", "") if t["status"] in ("skipped", "unverified")
+                     else ", ".join(f"{k} {v}" for k, v in fl.items()) or "-"])
+    return ["## Other runtimes (`export.targets`)", "",
+            "Built from the same student, int8, calibrated on the same train crops; parity against the fp32 "
+            f"ONNX output on the same held-out pairs (gate {_f(report.get('min_parity_db'), '.1f')} dB: below it a "
+            "target is reported failed and kept; only the ONNX Runtime model gates the stage).", "",
+            *_table(["target", "file", "status", "size", "parity", "worst pair", "ops in float (or why not)"],
+                    rows), ""]
+
+
 def render_model_card(
     *, effect: str, report: Mapping[str, Any], student: Mapping[str, Any], files: Mapping[str, str],
     train_metrics: Mapping[str, Any] | None = None, pairs_summary: Mapping[str, Any] | None = None,
@@ -108,6 +129,7 @@ def render_model_card(
         L += ["", "Operators a reduced ONNX Runtime build needs for the `.ort` file (`--include_ops_by_config`):", ""]
         L += ["```", *ops, "```"]
     L += [""]
+    L += _targets_section(report, files)
 
     L += ["## Latency", ""]
     L += ["Not in this card: a time belongs to the machine that measured it, and the card is a build output that "

@@ -64,3 +64,15 @@ def onnx_session(path: str | Path, threads: int = 0):
 
 def run_model(sess, x: np.ndarray) -> np.ndarray:
     return sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+
+def model_session(path: str | Path, threads: int = 0):
+    """A session for any of the stage's models, by suffix: `.onnx` / `.ort` in ONNX Runtime (`onnx_session`),
+    `.tflite` in LiteRT, `.pte` in ExecuTorch (`fxassets.export.runners`; `threads` 0 there means 1), all
+    called as an ORT session (`run_model`)."""
+    suffix = Path(path).suffix
+    if suffix in (".tflite", ".pte"):
+        from fxassets.export.runners import SESSIONS
+
+        return SESSIONS[suffix](path, threads)
+    return onnx_session(path, threads)

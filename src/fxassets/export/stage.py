@@ -38,7 +38,8 @@ from fxassets.export.latency import latency_compare
 from fxassets.core.machine import cpu_info
 from fxassets.export.onnx_export import export_onnx
 from fxassets.export.ort_format import convert_to_ort
-from fxassets.export.session import onnx_session, run_model, to_input, to_uint8
+from fxassets.export.session import model_session, onnx_session, run_model, to_input, to_uint8
+from fxassets.export.targets import export_targets
 
 
 REPORT_KEYS = (
@@ -59,8 +60,8 @@ class ParityError(ValueError):
 
 def export_mobile(checkpoint: Path, pairs_dir: Path, cfg: ExportConfig, out_dir: Path, onnx_fp32: Path,
                   onnx_int8: Path, grid_png: Path, report_json: Path, progress: bool = True, *,
-                  onnx_ort: Path | None = None, model_card: Path | None = None, train_metrics: Path | None = None,
-                  teacher_json: Path | None = None, faces_source: Path | None = None,
+                  onnx_ort: Path | None = None, targets_dir: Path | None = None, model_card: Path | None = None,
+                  train_metrics: Path | None = None, teacher_json: Path | None = None, faces_source: Path | None = None,
                   effect: str | None = None) -> dict[str, Any]:
     """The mobile_model stage: student checkpoint + face pairs -> fp32 and int8 ONNX, the int8 model in ORT format,
     grid, report and model card.
@@ -74,6 +75,10 @@ def export_mobile(checkpoint: Path, pairs_dir: Path, cfg: ExportConfig, out_dir:
     (`model_card`, default `out_dir/MODEL_CARD.md`, `fxassets.export.model_card`) also reads the student's
     `train_metrics` (default: `metrics.json` beside the checkpoint), the face pairs' `summary.json`, the
     teacher fingerprint `teacher_json` and the source photos' `SOURCE.md` in `faces_source` when given.
+    The other runtimes of `cfg.targets` (LiteRT, ExecuTorch: `fxassets.export.targets`) are built into
+    `targets_dir` (default `out_dir/targets`) from the same student and calibration crops, checked against the
+    same fp32 outputs and timed beside the ORT models at 1 and 2 threads; one that cannot be built is reported
+    skipped, one below the gate failed (kept, the stage goes on: only the ORT model gates it).
     Writes the report and the card, then raises `ParityError` if the int8 model (or its .ort) is below
     `cfg.min_parity_db`.  Returns the report with the run's latencies, CPU and timings (`fp32_ms_1t`, ...,
     `quantize_s`), which the files leave out.
@@ -82,11 +87,12 @@ def export_mobile(checkpoint: Path, pairs_dir: Path, cfg: ExportConfig, out_dir:
 
     from fxassets.export.grid import write_grid
     from fxassets.export.model_card import write_model_card
-    from fxassets.train.student import count_params, load_student
+    from fxassets.train.student import count_params, inference_form, load_student
 
     checkpoint, pairs_dir, out_dir = Path(checkpoint), Path(pairs_dir), Path(out_dir)
     onnx_fp32, onnx_int8, grid_png, report_json = map(Path, (onnx_fp32, onnx_int8, grid_png, report_json))
     onnx_ort = Path(onnx_ort) if onnx_ort else onnx_int8.with_suffix(".ort")
+    targets_dir = Path(targets_dir) if targets_dir else out_dir / "targets"
     model_card = Path(model_card) if model_card else out_dir / "MODEL_CARD.md"
     say = (lambda msg: tqdm.write(f"[mobile_model] {msg}")) if progress else (lambda msg: None)
 
@@ -148,11 +154,16 @@ def export_mobile(checkpoint: Path, pairs_dir: Path, cfg: ExportConfig, out_dir:
         })
         if r.sample_id in grid_ids:
             rows.append([src, tgt, out8])
+    targets = export_targets(cfg.targets, inference_form(model), calibration, targets_dir, cfg.keep_float,
+                             [x for *_, x in held], ref, [tgt for _, _, tgt, _ in held], cfg.min_parity_db, say)
     say(f"grid of {len(rows)} held-out people")
     write_grid(grid_png, rows, GRID_LABELS)
 
-    say(f"latency, 1 thread, {cfg.latency_runs} runs each")
-    lat = latency_compare({"fp32": onnx_fp32, "int8": onnx_int8, "ort": onnx_ort}, threads=1, runs=cfg.latency_runs)
+    timed = {"fp32": onnx_fp32, "int8": onnx_int8, "ort": onnx_ort,
+             **{t: targets_dir / e["file"] for t, e in targets.items() if e["status"] in ("ok", "failed")}}
+    say(f"latency of {', '.join(timed)}, 1 and 2 threads, {cfg.latency_runs} runs each, side by side")
+    lat, lat2 = (latency_compare({k: model_session(p, n) for k, p in timed.items()}, threads=n, runs=cfg.latency_runs)
+                 for n in (1, 2))
 
     def mean(key: str) -> float:
         return float(np.mean([p[key] for p in per_pair]))
@@ -188,6 +199,10 @@ def export_mobile(checkpoint: Path, pairs_dir: Path, cfg: ExportConfig, out_dir:
         "grid_samples": len(rows),
         "student": {**{k: meta[k] for k in ("encoder", "width") if k in meta}, "params": count_params(model)},
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+        "targets": {"ort": {"status": "ok" if parity_ok else "failed", "files": [onnx_int8.name, onnx_ort.name],
+                            "bytes": conv["bytes"], "parity_psnr_db": mean("ort_parity_db"),
+                            "int8_psnr_db": mean("int8_db"), "nodes_in_float": len(fallback["nodes_in_float"])},
+                    **{t: {k: v for k, v in e.items() if not k.startswith("_")} for t, e in targets.items()}},
         "pairs": per_pair,
     }
     # what the run measured: returned (the stage's run log, fxassets.core.runlog), never in report.json or the card,
@@ -195,11 +210,15 @@ def export_mobile(checkpoint: Path, pairs_dir: Path, cfg: ExportConfig, out_dir:
     run = {"fp32_ms_1t": lat["fp32"], "int8_ms_1t": lat["int8"], "ort_ms_1t": lat["ort"],
            "int8_speedup_1t": lat["fp32"] / lat["int8"], "latency_runs": cfg.latency_runs,
            "cpu": cpu_info(),  # the machine the times are of
-           "quantize_s": q["quantize_s"], "convert_s": conv["convert_s"]}
+           "quantize_s": q["quantize_s"], "convert_s": conv["convert_s"],
+           **{f"{k}_ms_2t": v for k, v in lat2.items()},
+           **{f"{t}_ms_1t": lat[t] for t in timed if t not in ("fp32", "int8", "ort")},
+           **{f"{t}_export_s": e["_export_s"] for t, e in targets.items() if "_export_s" in e}}
     write_json(report_json, report)
     write_model_card(
         model_card, report, effect=effect or out_dir.name, meta=meta,
-        files={"fp32": onnx_fp32, "int8": onnx_int8, "ort": onnx_ort, "grid": grid_png, "report": report_json},
+        files={"fp32": onnx_fp32, "int8": onnx_int8, "ort": onnx_ort, "grid": grid_png, "report": report_json,
+               **{t: targets_dir / e["file"] for t, e in targets.items() if "file" in e}},
         train_metrics=Path(train_metrics) if train_metrics else checkpoint.parent / "metrics.json",
         pairs_dir=pairs_dir, pairs=pairs, teacher_json=teacher_json, faces_source=faces_source,
     )
