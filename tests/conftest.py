@@ -97,3 +97,23 @@ def built_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = make_project(tmp_path_factory.mktemp("built") / "project")
     run(root, sys.executable, "-m", "orchestration.build", "--jobs", "2")
     return root
+
+
+def kill_at_first_checkpoint(proc: subprocess.Popen, state: Path, seconds: float, output) -> None:
+    """Wait until a training run in `proc` has written its first resume checkpoint into `state`, then SIGKILL it (a
+    power cut mid-run). `output`: the stream the run's errors go to, shown if it exits first."""
+    import signal
+    import time
+
+    try:
+        deadline = time.monotonic() + seconds
+        while not list(state.glob("step-*/meta.json")):
+            if proc.poll() is not None:
+                raise AssertionError(f"training exited {proc.returncode} first:\n{output.read().decode()[-3000:]}")
+            assert time.monotonic() < deadline, f"no checkpoint within {seconds:.0f} s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -86,8 +86,15 @@ def test_float_ends_pick_the_nodes_reading_the_image_and_the_head():
     gm = torch.export.export(standin(), (torch.rand(1, 3, SIZE, SIZE),)).module()
     names = lambda keep: sorted(str(n.target).split(".")[1] for n in ex_targets._float_nodes(gm, keep))  # noqa: E731
     assert names([]) == []
-    assert names(["input"]) == ["add", "conv2d"]  # the first conv and the residual add read the image
+    assert names(["input"]) == ["add", "clamp", "conv2d"]  # the first conv, the residual add and on to the clamp
     assert names(["output"]) == ["add", "clamp", "conv2d", "pixel_shuffle"]  # the head's last conv onwards
+    # a student with the learned colour map (train.colour_transform): the map's matmul of the image stays float too
+    from fxassets.train.student import build_student, inference_form
+
+    colour = inference_form(build_student(colour=True))
+    gm = torch.export.export(colour, (torch.rand(1, 3, 64, 64),)).module()
+    kept = names(["input"])
+    assert "matmul" in kept and kept.count("conv2d") == 1 and "clamp" in kept
 
 
 def _check_built(p, run, report, target, suffix):

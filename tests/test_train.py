@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,8 @@ from fxassets.core.paths import EffectPaths
 from fxassets.train.student import build_student
 from fxassets.core.manifest import MANIFEST
 from fxassets.train.loop import fit, load_split, seed_everything, train_student
+
+from conftest import kill_at_first_checkpoint
 from fxassets.train.state import run_key
 from test_student import make_pairs, tiny_cfg
 
@@ -210,18 +211,7 @@ def test_sigkilled_training_resumes_exactly(pairs, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.Popen([sys.executable, "-c", SUBPROCESS_TRAIN, str(pairs), str(tmp_path / "killed"), str(state),
                              cfg.model_dump_json()], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(state.glob("step-*/meta.json")):
-            if proc.poll() is not None:
-                raise AssertionError(f"training exited {proc.returncode} first:\n{proc.stderr.read().decode()[-3000:]}")
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_at_first_checkpoint(proc, state, 120, proc.stderr)
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed" / "student.safetensors").exists()
 

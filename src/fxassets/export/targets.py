@@ -56,9 +56,17 @@ def _float_nodes(gm, keep_float: Sequence[str]) -> set:
     """The fx nodes kept in float for `keep_float` ("input", "output"), as the ORT model keeps them."""
     nodes: set = set()
     graph = gm.graph
-    if "input" in keep_float:
-        ph = {n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith(("p_", "b_"))}
-        nodes |= {n for n in graph.nodes if n.op == "call_function" and any(a in ph for a in n.all_input_nodes)}
+    if "input" in keep_float:  # the ops reading the image, and on from them up to a convolution (its output is
+        # quantized for the next layer): the learned colour map's matmul, the residual add, the clamp
+        # (fxassets.export.quantize.float_end_nodes, the same walk on the ONNX graph)
+        todo = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith(("p_", "b_"))]
+        while todo:
+            for user in todo.pop().users:
+                if user.op != "call_function" or user in nodes:
+                    continue
+                nodes.add(user)
+                if "conv" not in str(user.target):
+                    todo.append(user)
     if "output" in keep_float:
         out = next(n for n in graph.nodes if n.op == "output")
         todo = list(out.all_input_nodes)
