@@ -26,7 +26,7 @@ import torch
 
 from fxassets.core.config import TrainConfig
 from fxassets.core.machine import cpu_info, cpu_label
-from fxassets.train.loop import evaluate, load_split, random_batch, seed_everything
+from fxassets.train.loop import WEIGHT_DECAY, evaluate, load_split, random_batch, seed_everything
 from fxassets.train.losses import Objective
 from fxassets.train.state import Checkpointer
 from fxassets.train.student import arch_options, build_student
@@ -36,7 +36,7 @@ CL = torch.channels_last
 
 def make(cfg: TrainConfig, layout=CL):
     model = build_student(cfg.encoder, cfg.width, **arch_options(cfg)).to(memory_format=layout).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY, fused=True)  # as loop.fit
     return model, opt, Objective(cfg)
 
 

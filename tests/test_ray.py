@@ -78,13 +78,18 @@ def cluster():
     ray.shutdown()
 
 
-def test_classical_on_ray_gives_the_local_bytes_and_reuses_the_cache(tmp_path, cluster):
-    root, params = project(tmp_path, n=5)
+def local_then_ray(root: Path, params: Params, **executor) -> tuple[dict[str, str], dict]:
+    """teacher_images run locally (its outputs' md5s), then, its cache cleared, on the Ray pool (its summary)."""
     run_stage("prompts", params, "fx", root, progress=False)
     run_stage("teacher_images", params, "fx", root, progress=False)
     local = out_md5s(root)
     shutil.rmtree(root / ".cache")
-    s = run_stage("teacher_images", with_executor(params, workers=2, batch_size=1), "fx", root, progress=False)
+    return local, run_stage("teacher_images", with_executor(params, **executor), "fx", root, progress=False)
+
+
+def test_classical_on_ray_gives_the_local_bytes_and_reuses_the_cache(tmp_path, cluster):
+    root, params = project(tmp_path, n=5)
+    local, s = local_then_ray(root, params, workers=2, batch_size=1)
     assert out_md5s(root) == local and s["computed"] == 5
     assert s["ray"]["workers"] == 2 and sum(s["ray"]["samples_per_worker"].values()) == 5
     again = run_stage("teacher_images", with_executor(params, workers=2), "fx", root, progress=False)
@@ -97,11 +102,7 @@ def test_tiny_diffusers_teacher_on_ray_matches_local(tmp_path, cluster):
     model = save_tiny_pipeline(tmp_path / "models" / "tiny-sd")
     teacher = {"kind": "img2img", "model": str(model), "strength": 0.5, "batch_size": 2, **TINY}
     root, params = project(tmp_path, n=3, px=40, teacher=teacher)
-    run_stage("prompts", params, "fx", root, progress=False)
-    run_stage("teacher_images", params, "fx", root, progress=False)
-    local = out_md5s(root)
-    shutil.rmtree(root / ".cache")
-    s = run_stage("teacher_images", with_executor(params, workers=2, gpus_per_worker=1), "fx", root, progress=False)
+    local, s = local_then_ray(root, params, workers=2, gpus_per_worker=1)
     assert out_md5s(root) == local and s["ok"] == 3
     # the GPUs are logical here: each actor was given one (its ids recorded as the run's runtime), torch ran on the CPU
     assert len(s["runtime"]["gpu_ids"]) == 1 and s["runtime"]["device"] == "cpu"

@@ -14,7 +14,8 @@ from typing import Any
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
-def _version(pkg: str) -> str | None:
+def package_version(pkg: str) -> str | None:
+    """The installed version of distribution `pkg`, or None."""
     try:
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:
@@ -37,7 +38,7 @@ def cpu_info() -> dict[str, Any]:
     model = found.get("model name") or platform.processor() or platform.machine()
     flags = set(found.get("flags", "").split())
     return {"model": model, "isa": [f for f in ISA_FLAGS if f in flags], "cores": os.cpu_count(),
-            "onnxruntime": _version("onnxruntime"), "torch": _version("torch")}
+            "onnxruntime": package_version("onnxruntime"), "torch": package_version("torch")}
 
 
 def cpu_label(info: dict[str, Any] | None = None) -> str:

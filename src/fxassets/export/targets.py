@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from fxassets.core.atomic import atomic_path
+from fxassets.core.machine import package_version
 
 # target -> file name in the stage's `targets/` folder
 TARGET_FILES = {"litert": "student.int8.tflite", "executorch": "student.int8.pte", "coreml": "student.w8.mlpackage"}
@@ -180,7 +181,7 @@ def build_litert(model, calibration: Sequence[np.ndarray], path: Path, keep_floa
         edge.export(str(tmp))
     fl, qo = tflite_float_ops(path)
     return {"float_ops": fl, "quantized_ops": qo,
-            "versions": {"litert_torch": litert_torch.__version__, "ai_edge_litert": _version("ai-edge-litert")}}
+            "versions": {"litert_torch": litert_torch.__version__, "ai_edge_litert": package_version("ai-edge-litert")}}
 
 
 def build_executorch(model, calibration: Sequence[np.ndarray], path: Path, keep_float: Sequence[str]) -> dict[str, Any]:
@@ -203,7 +204,7 @@ def build_executorch(model, calibration: Sequence[np.ndarray], path: Path, keep_
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(prog.buffer)
     return {"float_ops": fl, "quantized_ops": qo, "outside_xnnpack": dict(sorted(outside.items())),
-            "versions": {"executorch": _version("executorch")}}
+            "versions": {"executorch": package_version("executorch")}}
 
 
 def build_coreml(model, calibration: Sequence[np.ndarray], path: Path, keep_float: Sequence[str]) -> dict[str, Any]:
@@ -252,15 +253,6 @@ def _canonical_manifest(manifest: Path) -> None:
 
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 BUILDERS = {"litert": build_litert, "executorch": build_executorch, "coreml": build_coreml}
