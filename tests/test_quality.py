@@ -178,6 +178,27 @@ def test_duplicated_photos_fail(base, tmp_path):
     assert dups["observed"] == pytest.approx(2 / (N + 2), abs=1e-3) and dups["threshold"] == 0
 
 
+def test_look_alike_crops_of_different_people_are_not_duplicates(base, tmp_path):
+    """A hash match between two person ids is a near-duplicate only when dlib also sees one face: five different
+    people given one hash are kept apart; the same crop under another id is still caught."""
+    from fxassets.pairs.gate import mark_duplicates
+
+    root, df, _ = _variant(base, tmp_path)
+    pairs = EffectPaths(root, "fx").pairs_dir
+    df = df.reset_index()
+    df["phash"] = df["phash"].iloc[0]  # every crop hashes alike
+    identity = qm.IdentityModel(256, 0.45)
+    crops = {r.sample_id: read_png_rgb(pairs / r.source) for r in df.itertuples()}
+    distance = lambda a, b: identity.between(crops[a], crops[b])
+    assert mark_duplicates(df, 4)["duplicate_of"].notna().sum() == N - 1  # the hash alone
+    assert mark_duplicates(df, 4, distance)["duplicate_of"].isna().all()
+    first = df["sample_id"].iloc[0]
+    copy = pd.concat([df, df.iloc[[0]].assign(sample_id="zz_copy", person_id="someone_else")], ignore_index=True)
+    crops["zz_copy"] = crops[first]
+    marked = mark_duplicates(copy, 4, distance).set_index("sample_id")["duplicate_of"]
+    assert marked["zz_copy"] == first and marked.drop("zz_copy").isna().all()
+
+
 def test_all_one_skin_tone_group_fails_when_balance_is_asked_for(base, tmp_path):
     _, df, gate = _variant(base, tmp_path)
     assert gate["passed"]  # balance is off by default

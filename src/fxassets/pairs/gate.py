@@ -23,13 +23,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
 from fxassets.core.atomic import write_json
 from fxassets.core.config import Params, QualityConfig
-from fxassets.pairs.quality import near_duplicates
+from fxassets.pairs.quality import SAME_FACE, near_duplicates
 from fxassets.pairs.skin_tones import MONK_HEX, SKIN_GROUPS
 
 GATE_FILE = "gate.json"
@@ -93,12 +93,16 @@ def quality_for(params: Params, effect: str) -> QualityConfig:
     return params.quality_for(effect)
 
 
-def mark_duplicates(df: pd.DataFrame, max_distance: int) -> pd.DataFrame:
-    """`duplicate_of` (the first sample it near-duplicates) and `duplicate_distance`, over the measured pairs."""
+def mark_duplicates(df: pd.DataFrame, max_distance: int,
+                    face_distance: Callable[[str, str], float] | None = None) -> pd.DataFrame:
+    """`duplicate_of` (the first sample it near-duplicates) and `duplicate_distance`, over the measured pairs.
+    `face_distance(sample_a, sample_b)`: the descriptor distance of two samples' source faces; with it a hash
+    match counts only below `SAME_FACE` (one face under two person ids, not two look-alike crops)."""
     df = df.copy()
     hashes = [int(h, 16) if isinstance(h, str) and h else None for h in df["phash"]]
-    dups = near_duplicates(hashes, max_distance, df["person_id"].astype(str).tolist())
     ids = df["sample_id"].tolist()
+    confirm = None if face_distance is None else (lambda i, j: face_distance(ids[i], ids[j]) < SAME_FACE)
+    dups = near_duplicates(hashes, max_distance, df["person_id"].astype(str).tolist(), confirm)
     df["duplicate_of"] = [ids[d[0]] if d else None for d in dups]
     df["duplicate_distance"] = [float(d[1]) if d else float("nan") for d in dups]
     return df
@@ -160,7 +164,7 @@ def _row_expectations(q: QualityConfig) -> list[Any]:
     for c in ROW_CHECKS:
         lo, hi = c.bounds(q)
         out.append(gxe.ExpectColumnValuesToBeBetween(column=c.column, min_value=lo, max_value=hi, meta={"check": c.name, "rule": c.rule(q)}))
-    out.append(gxe.ExpectColumnValuesToBeNull(column="duplicate_of", meta={"check": "duplicate", "rule": f"near-duplicate (phash distance <= {q.max_phash_distance})"}))
+    out.append(gxe.ExpectColumnValuesToBeNull(column="duplicate_of", meta={"check": "duplicate", "rule": f"near-duplicate (phash distance <= {q.max_phash_distance}, one face to dlib: < {SAME_FACE})"}))
     return out
 
 
@@ -304,11 +308,13 @@ def _build_docs(context: Any, docs_dir: Path) -> None:
             f"{docs_dir}: great-expectations could not build the Data Docs: {failures.messages[0].splitlines()[0]}")
 
 
-def run_gate(df: pd.DataFrame, q: QualityConfig, out_dir: Path, title: str = "face pairs") -> tuple[pd.DataFrame, dict[str, Any]]:
+def run_gate(df: pd.DataFrame, q: QualityConfig, out_dir: Path, title: str = "face pairs",
+             face_distance: Callable[[str, str], float] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Validate the manifest `df` (measured by face_pairs), reject failing pairs, judge the set; write gate.json,
-    the Data Docs and the balance report into `out_dir`. Returns the updated manifest and the gate dict."""
+    the Data Docs and the balance report into `out_dir`. Returns the updated manifest and the gate dict.
+    `face_distance`: see `mark_duplicates`."""
     out_dir = Path(out_dir)
-    df = mark_duplicates(df, q.max_phash_distance)
+    df = mark_duplicates(df, q.max_phash_distance, face_distance)
     context = _context(out_dir / DOCS_DIR)
 
     # row level: every failed expectation rejects its pairs, with the value in the reason

@@ -9,7 +9,8 @@ such as "the cheeks" or "the face" is a fixed place. `PairMeter` runs them all f
   150 px chips cut with the *source's* 5-point landmarks from both crops, reported as distance;
 * sharpness: variance of the Laplacian inside the face ellipse, and target / source ratio;
 * exposure: mean luma and the share of clipped pixels (<= 2 or >= 253) inside the face ellipse;
-* a 64-bit DCT perceptual hash of the source crop (near-duplicates: `near_duplicates`);
+* a 64-bit DCT perceptual hash of the source crop (near-duplicates: `near_duplicates`, a hash match that dlib
+  also calls one face, `SAME_FACE`);
 * skin tone: the individual typology angle (ITA) of two cheek patches of the source crop, and an *estimated*
   Monk Skin Tone bin and coarse group from it (see `monk_tone`).
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -36,6 +37,10 @@ DLIB_BOX_256 = ((65.0, 79.0), (189.0, 203.0))
 # the mouth corners: skin on nearly every face (no beard, glasses or hair there as a rule).
 CHEEKS_256 = ((96.0, 142.0), (159.0, 142.0))
 CHEEK_HALF_256 = 8.0
+# Two source crops of different person ids are near-duplicates only when their hashes match and dlib's descriptors
+# also say one person (its rule: < 0.6).  The hash alone paired different people of the one sample studio: 2 of
+# 204 photos with the smiling set, 1 of 306 pairs with simulated captures (docs/quality.md).
+SAME_FACE = 0.6
 # Faces in the aligned crops are detected with a low threshold, so a weak face gets its score (a pencil sketch
 # scores 0.3-0.9) rather than none, after padding the crop (edge pixels repeated) to CROP_PAD times its side:
 # BlazeFace is less sure of a face that fills the frame (unpadded, 14 of the 102 sample sketches scored < 0.5).
@@ -87,11 +92,13 @@ def hamming(a: int, b: int) -> int:
     return int(bin(a ^ b).count("1"))
 
 
-def near_duplicates(hashes: list[int | None], max_distance: int,
-                    groups: list[str] | None = None) -> list[tuple[int, int] | None]:
+def near_duplicates(hashes: list[int | None], max_distance: int, groups: list[str] | None = None,
+                    confirm: Callable[[int, int], bool] | None = None) -> list[tuple[int, int] | None]:
     """For each hash: (index of the first earlier hash within `max_distance`, distance), or None.  With `groups`
     (person ids) only hashes of different groups count: a person's several photos and simulated captures are on
-    one side of the split and may look alike; the same face under two person ids may not.
+    one side of the split and may look alike; the same face under two person ids may not.  With `confirm(i, j)`
+    a hash match counts only when it also says yes (the nearest confirmed earlier one is taken): a 64-bit hash of
+    aligned crops from one studio matches some different people too (`SAME_FACE`).
 
     The first of a group of near-duplicates is kept (None), every later one points at it. O(n^2) popcounts in
     numpy: fine up to tens of thousands of pairs."""
@@ -107,10 +114,12 @@ def near_duplicates(hashes: list[int | None], max_distance: int,
         if groups is not None:
             same = np.array([groups[i] == groups[idx[j]] for i in idx[:j]])
             d = np.where(same, max_distance + 1, d)
-        k = int(np.argmin(d))
-        if d[k] <= max_distance:
-            first = idx[k]
-            out[idx[j]] = (out[first][0] if out[first] else first, int(d[k]))
+        near = np.flatnonzero(d <= max_distance)
+        for k in near[np.argsort(d[near], kind="stable")]:
+            if confirm is None or confirm(idx[k], idx[j]):
+                first = idx[k]
+                out[idx[j]] = (out[first][0] if out[first] else first, int(d[k]))
+                break
     return out
 
 
@@ -178,6 +187,12 @@ class IdentityModel:
         chips = [self._dlib.get_face_chip(np.ascontiguousarray(im), shape, 150, 0.25) for im in (src, tgt)]
         a, b = (np.array(d) for d in self._net.compute_face_descriptor(chips))
         return float(np.linalg.norm(a - b))
+
+    def between(self, a: np.ndarray, b: np.ndarray) -> float:
+        """Descriptor distance of the faces of two source crops, each chip cut with its own landmarks."""
+        chips = [self._dlib.get_face_chip(np.ascontiguousarray(im), self._shape(im, self._box), 150, 0.25) for im in (a, b)]
+        x, y = (np.array(d) for d in self._net.compute_face_descriptor(chips))
+        return float(np.linalg.norm(x - y))
 
 
 # manifest columns PairMeter.measure fills (NaN / "" / -1 when a pair was rejected before it was measured)

@@ -135,7 +135,12 @@ def run_face_pairs(
         measured = int(sum(1 for r in rows if r["status"] == "pass"))
         df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         tg = time.perf_counter()
-        df, gate = run_gate(df, quality, tmp, title=f"face pairs of {out_dir.name}")
+        crops = dict(zip(df["sample_id"], df["source"]))
+
+        def face_distance(a: str, b: str) -> float:  # only for the rare hash matches of two person ids
+            return meter.identity.between(read_png_rgb(tmp / crops[a]), read_png_rgb(tmp / crops[b]))
+
+        df, gate = run_gate(df, quality, tmp, title=f"face pairs of {out_dir.name}", face_distance=face_distance)
         gate_seconds = time.perf_counter() - tg
         with atomic_path(tmp / "manifest.parquet") as p:
             df.to_parquet(p, index=False)
