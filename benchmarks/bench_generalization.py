@@ -6,6 +6,7 @@ it to int8, and print side by side: the sample's held-out people (same studio as
     .venv/bin/python benchmarks/bench_generalization.py --effects sketch \\
         --variant base:upsample=nearest,colour_transform=false --variant new:upsample=bilinear,colour_transform=true
     .venv/bin/python benchmarks/bench_generalization.py --checkpoint-from-pipeline   # the built data/student models
+    .venv/bin/python benchmarks/bench_generalization.py --checkpoint kept/{effect}.safetensors  # a given checkpoint
 
 A variant is `name:key=value,...` over `params.yaml`'s `train` section (dots reach into `augment`, e.g.
 `augment.flip=false`); `default` is params.yaml as it is.  Training runs by steps only (no wall-clock cap), so the
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     from fxassets.core.paths import EffectPaths
     from fxassets.core.runlog import read_run_log
     from fxassets.train.loop import train_student
+    from fxassets.train.student import load_student
 
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval", nargs="+", type=Path, help=f"evaluation folders (default: every folder of {SHARED_EVAL})")
     ap.add_argument("--checkpoint-from-pipeline", action="store_true",
                     help="no training: measure the built data/mobile/E/student.int8.onnx")
+    ap.add_argument("--checkpoint", help="no training: export and measure this student checkpoint ('{effect}' "
+                    "filled in), e.g. one kept with --keep")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", type=Path, help="copy each run's checkpoint and int8 model to KEEP/<variant>-<effect>/")
     args = ap.parse_args(argv)
@@ -121,18 +125,22 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix=f"gen-{effect}-") as tmp:
                 tmp = Path(tmp)
+                train_dir = Path(args.train_pairs.format(effect=effect)) if args.train_pairs else paths.pairs_dir
                 if args.checkpoint_from_pipeline:
                     # the built report, its latencies from the stage's run log (report.json holds no clock)
                     report = {**json.loads(paths.mobile_report.read_text()), **read_run_log(root, "mobile_model", effect)}
                     model = paths.onnx_int8
                     train_metrics = json.loads(paths.train_metrics.read_text())
                 else:
-                    cfg = TrainConfig.model_validate(_merge(params.train_for(effect).model_dump(), over))
-                    cfg = cfg.model_copy(update={"max_seconds": 0, **({"steps": args.steps} if args.steps else {})})
-                    ckpt = tmp / "student.safetensors"
-                    train_dir = Path(args.train_pairs.format(effect=effect)) if args.train_pairs else paths.pairs_dir
-                    train_metrics = train_student(train_dir, cfg, ckpt, tmp / "metrics.json", tmp / "curve.csv",
-                                                  progress=False, root=root, margin=params.faces.margin)
+                    if args.checkpoint:
+                        ckpt = Path(args.checkpoint.format(effect=effect))
+                        train_metrics = dict(load_student(ckpt)[1].get("metrics") or {})
+                    else:
+                        cfg = TrainConfig.model_validate(_merge(params.train_for(effect).model_dump(), over))
+                        cfg = cfg.model_copy(update={"max_seconds": 0, **({"steps": args.steps} if args.steps else {})})
+                        ckpt = tmp / "student.safetensors"
+                        train_metrics = train_student(train_dir, cfg, ckpt, tmp / "metrics.json", tmp / "curve.csv",
+                                                      progress=False, root=root, margin=params.faces.margin)
                     mobile = tmp / "mobile"
                     try:
                         report = export_mobile(ckpt, train_dir, params.export_for(effect), mobile,

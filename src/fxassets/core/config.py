@@ -243,8 +243,8 @@ class TrainConfig(_Strict):
     upsample: Literal["nearest", "bilinear"] = Field(
         "bilinear", description="decoder x2 upsampling; nearest shows the deep features' blocks as 16-32 px tiles")
     colour_transform: bool = Field(False, description="a learned 3x3 colour map of the output (student.py)")
-    grey_output: bool | Literal["auto"] = Field(False, description="the output's colour map fixed to a grey "
-                                                "projection; auto: when every training target is grey (a sketch)")
+    grey_output: bool | Literal["auto"] = Field(False, description="the trained output's colour map composed "
+                                                "with the grey projection; auto: when every training target is grey")
     steps: int = Field(1600, ge=1)
     max_seconds: float = Field(0, ge=0, description="wall-clock cap, recorded when hit; 0 = steps only (the default)")
     batch_size: int = Field(4, ge=1)

@@ -43,7 +43,7 @@ from fxassets.faces.align import DEFAULT_MARGIN
 from fxassets.core.images import read_png_rgb
 from fxassets.train.losses import Objective
 from fxassets.core.metrics import image_scores, quantize
-from fxassets.train.student import arch_options, build_student, count_macs, count_params, make_grey, save_student
+from fxassets.train.student import arch_options, build_student, count_macs, count_params, project_grey, save_student
 from fxassets.train.state import Checkpointer, run_key
 from fxassets.core.manifest import MANIFEST, read_pairs
 STRIDE = 32  # the student needs H and W multiples of this
@@ -302,6 +302,17 @@ def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: 
                      resumed.step if resumed else 0)
 
 
+def grey_result(model: nn.Module, held: PairSet, result: FitResult) -> FitResult:
+    """Project the trained student's output to grey (`student.project_grey`) and score it again: the held-out
+    figures and the curve's last point are the grey student's."""
+    project_grey(model)
+    scores = evaluate(model, held)
+    curve = [dict(r) for r in result.curve]
+    if curve:
+        curve[-1].update(heldout_psnr=scores["psnr"], heldout_ssim=scores["ssim"])
+    return FitResult(scores, curve, result.steps, result.seconds, result.identity, result.resumed_from)
+
+
 def curve_csv(curve: list[dict[str, float]]) -> str:
     rows = [CURVE_HEADER] + [
         f"{int(r['step'])},{r['train_loss']:.6f},{r['heldout_psnr']:.4f},{r['heldout_ssim']:.5f},"
@@ -340,8 +351,8 @@ def train_student(
         grey = all_grey(train) if cfg.grey_output == "auto" else bool(cfg.grey_output)
         model = build_student(cfg.encoder, cfg.width, **{**arch_options(cfg), "colour": cfg.colour_transform or grey},
                               encoder_weights=weights)
-        if grey:
-            make_grey(model)
+        if grey and not cfg.colour_transform:  # an identity map while training, the projection after it
+            model.colour.requires_grad_(False)
         objective = Objective(cfg, lpips_root=root)
         key = run_key(cfg, pairs_dir / MANIFEST, objective.lpips_path, weights) if state_dir is not None else ""
         checkpointer = Checkpointer(state_dir, key, cfg.checkpoint_every)
@@ -352,6 +363,8 @@ def train_student(
         else:
             result = fit(model, train, held, cfg, gen, progress=progress, objective=objective,
                          checkpointer=checkpointer, margin=margin)
+        if grey:  # trained in colour from the identity, then made grey: scored as saved
+            result = grey_result(model, held, result)
         baseline = result.identity
         h, w = held.source.shape[-2:]
         metrics: dict[str, Any] = {

@@ -31,7 +31,6 @@ from timm.models._efficientnet_blocks import InvertedResidual
 from torch import nn
 
 from fxassets.core.atomic import write_bytes
-from fxassets.core.images import GRAY_WEIGHTS
 
 DEFAULT_ENCODER = "mobilenetv4_conv_small_050"
 # decoder channels at strides 16, 8, 4, 2 for width 1.0
@@ -137,14 +136,19 @@ def inference_form(model: nn.Module) -> nn.Module:
     return out
 
 
-def make_grey(model: "Student") -> None:
-    """Fix the output colour map to the grey projection (every channel = luma) and freeze it: the student's
-    output is grey for any input colour, exactly (a grey teacher's student cannot learn a capture's colours), and
-    starts as the grey input (the identity, less its colour)."""
+GREY_PROJECTION = torch.full((3, 3), 1.0 / 3.0)  # every channel = the mean of the three: the orthogonal projection
+
+
+def project_grey(model: "Student") -> None:
+    """Compose the output colour map with the orthogonal projection onto the grey axis (r = g = b): the student's
+    output is grey for any input colour, exactly.  Applied after training, to a student trained in colour (from
+    the identity).  Where every target is grey, the projection only removes error: per pixel
+    ``|P s - t| = |P (s - t)| <= |s - t|`` for a grey target ``t = P t`` (before the clamp)."""
+    if model.colour is None or model.colour_folded:
+        raise ValueError("project_grey needs the student's unfolded output colour map (build it with colour=True)")
     with torch.no_grad():
-        model.colour.weight.copy_(torch.tensor(GRAY_WEIGHTS).repeat(3, 1)[:, :, None, None])
-        model.colour.bias.zero_()
-    model.colour.requires_grad_(False)
+        model.colour.weight.copy_((GREY_PROJECTION @ model.colour.weight[:, :, 0, 0])[:, :, None, None])
+        model.colour.bias.copy_(GREY_PROJECTION @ model.colour.bias)
 
 
 def colour_map(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
