@@ -48,6 +48,25 @@ def test_prompts_are_deterministic_and_seeds_do_not_depend_on_the_set(tmp_path):
     assert a[0]["person_id"] != a[1]["person_id"]
 
 
+def test_a_source_folder_outside_the_project_builds(tmp_path):
+    """faces.source may be an absolute folder elsewhere (a user's own photos): the records keep its absolute paths
+    and every stage reads them; one inside the project stays relative."""
+    (tmp_path / "photos").mkdir()
+    faces, _ = project(tmp_path / "photos", n=2)
+    root = tmp_path / "project"
+    root.mkdir()
+    params = Params.model_validate({"faces": {"source": str(faces / "faces"), "holdout_fraction": 0.5},
+                                    "effects": {"fx": {"prompt": "a cartoon", "seed": 7, "teacher": {"style": "cartoon"}}}})
+    for stage in ("prompts", "teacher_images", "face_pairs"):
+        run_stage(stage, params, "fx", root, progress=False)
+    records = read_jsonl(EffectPaths(root, "fx").prompts)
+    assert all(Path(r["source"]).is_absolute() and Path(r["source"]).is_file() for r in records)
+    assert (pd.read_parquet(EffectPaths(root, "fx").pairs_dir / "manifest.parquet").status == "pass").all()
+    (tmp_path / "inside").mkdir()
+    inside, p = project(tmp_path / "inside", n=1)
+    assert build_prompts(p.faces, p.effect("fx"), inside)[0]["source"] == f"faces/{sorted(SAMPLES.glob('*.jpg'))[0].name}"
+
+
 def test_missing_source_folder_is_named(tmp_path):
     params = Params.model_validate({"faces": {"source": "nowhere"}, "effects": {"fx": {"prompt": "p"}}})
     with pytest.raises(FileNotFoundError, match="nowhere"):

@@ -19,6 +19,17 @@ def sample_seed(effect_seed: int, sample_id: str) -> int:
     return (effect_seed + zlib.crc32(sample_id.encode())) % (2**31)
 
 
+def _relative(path: Path, root: Path) -> str:
+    """The photo's path as the records keep it: relative to the project (where DVC tracks the folder), or absolute
+    for a `faces.source` outside it (read as ``root / path`` alike)."""
+    for p, r in ((Path(path), Path(root)), (Path(path).absolute(), Path(root).absolute())):
+        try:
+            return p.relative_to(r).as_posix()
+        except ValueError:
+            pass
+    return Path(path).absolute().as_posix()
+
+
 def build_prompts(faces: FacesConfig, effect: EffectConfig, root: Path) -> list[dict[str, Any]]:
     """One record per source photo, then `faces.capture_variants` records per photo for its simulated captures
     (`fxassets.captures`: the same photo and person, a `capture` spec, their own sample id and seed)."""
@@ -26,7 +37,7 @@ def build_prompts(faces: FacesConfig, effect: EffectConfig, root: Path) -> list[
     for src in list_sources(root / faces.source, effect.samples):
         base = {
             "sample_id": src.sample_id,
-            "source": src.path.relative_to(root).as_posix(),
+            "source": _relative(src.path, root),
             "source_sha256": sha256_file(src.path),
             "person_id": src.person_id,
             "attributes": src.attributes,
