@@ -252,6 +252,21 @@ def test_random_batch_augments_both_sides_alike():
     assert not any(torch.equal(p, o) for p in full for o in originals)  # occluders and jitter changed every sample
 
 
+def test_capture_share_sets_how_many_simulated_captures_a_batch_holds():
+    """train.capture_share: each drawn pair is a simulated capture's with that probability; None draws uniformly
+    (the generator's stream as before the setting existed)."""
+    from fxassets.train.loop import PairSet, draw
+
+    ids = ["p1", "p1-cap1", "p1-cap2", "p2", "p2-cap1", "p2-cap2"]
+    pairs = PairSet(torch.zeros(6, 3, 4, 4, dtype=torch.uint8), torch.zeros(6, 3, 4, 4, dtype=torch.uint8), ids)
+    caps = lambda idx: [ids[i].count("-cap") for i in idx.tolist()]
+    assert caps(draw(pairs, 200, torch.Generator().manual_seed(0), 1.0)) == [1] * 200
+    assert caps(draw(pairs, 200, torch.Generator().manual_seed(0), 0.0)) == [0] * 200
+    half = sum(caps(draw(pairs, 2000, torch.Generator().manual_seed(0), 0.5))) / 2000
+    assert 0.45 < half < 0.55  # uniform would give 2/3
+    assert torch.equal(draw(pairs, 50, torch.Generator().manual_seed(3)), torch.randint(0, 6, (50,), generator=torch.Generator().manual_seed(3)))
+
+
 def test_inference_form_gives_the_same_outputs_with_fewer_ops():
     from fxassets.train.student import LowResFuse, UpStage, inference_form
 

@@ -16,6 +16,8 @@ and the variant number, so adding faces or effects never changes another variant
 
 from __future__ import annotations
 
+import re
+
 import zlib
 from typing import Any
 
@@ -41,6 +43,11 @@ P_JPEG, JPEG_QUALITY = 0.3, (35, 90)
 
 def variant_id(sample_id: str, k: int) -> str:
     return f"{sample_id}-cap{k}"
+
+
+def is_variant(sample_id: str) -> bool:
+    """Whether a sample (or pair) id is a simulated capture's (`variant_id`)."""
+    return re.search(r"-cap\d+$", str(sample_id)) is not None
 
 
 def draw_capture(sample_id: str, k: int) -> dict[str, Any]:

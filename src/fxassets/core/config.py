@@ -243,8 +243,8 @@ class TrainConfig(_Strict):
     upsample: Literal["nearest", "bilinear"] = Field(
         "bilinear", description="decoder x2 upsampling; nearest shows the deep features' blocks as 16-32 px tiles")
     colour_transform: bool = Field(False, description="a learned 3x3 colour map of the output (student.py)")
-    grey_output: bool | Literal["auto"] = Field(False, description="the trained output's colour map composed "
-                                                "with the grey projection; auto: when every training target is grey")
+    grey_output: bool | Literal["auto"] = Field(False, description="output projected to grey; auto: if every target is")
+    capture_share: float | None = Field(None, ge=0, le=1, description="share of a batch from faces.capture_variants")
     steps: int = Field(1600, ge=1)
     max_seconds: float = Field(0, ge=0, description="wall-clock cap, recorded when hit; 0 = steps only (the default)")
     batch_size: int = Field(4, ge=1)

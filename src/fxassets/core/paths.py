@@ -16,7 +16,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "prompts": ("stages.py", "core", "prompts.py", "sources.py", "captures.py"),
     "teacher_images": ("stages.py", "core", "captures.py", "faces", "teachers"),  # faces: the face scale the teacher sees
     "face_pairs": ("stages.py", "core", "captures.py", "sources.py", "faces", "pairs"),
-    "student_checkpoint": ("stages.py", "core", "faces", "pairs", "train"),
+    "student_checkpoint": ("stages.py", "core", "captures.py", "faces", "pairs", "train"),
     "mobile_model": ("stages.py", "core", "export", "train/student.py"),
 }
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/fxassets

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from fxassets.captures import is_variant
 from fxassets.core.atomic import write_json, write_text
 from fxassets.train.augment import augment_pairs
 from fxassets.train.capture import is_grey, simulate_capture
@@ -93,12 +94,28 @@ def load_pairs(pairs_dir: Path, rows: pd.DataFrame) -> PairSet:
     return PairSet(stack(src), stack(tgt), [str(s) for s in rows["sample_id"]])
 
 
+def draw(pairs: PairSet, batch: int, gen: torch.Generator, capture_share: float | None = None) -> torch.Tensor:
+    """`batch` random pair indices; with `capture_share` each is a simulated capture's pair (`faces.capture_variants`)
+    with that probability, else a photo's own (None, or a set without both kinds: uniform over the pairs)."""
+    n = len(pairs)
+    if capture_share is None:
+        return torch.randint(0, n, (batch,), generator=gen)
+    variant = torch.tensor([is_variant(i) for i in pairs.ids])
+    if variant.all() or not variant.any():
+        return torch.randint(0, n, (batch,), generator=gen)
+    caps, photos = variant.nonzero().flatten(), (~variant).nonzero().flatten()
+    pick = torch.rand(batch, generator=gen) < capture_share
+    return torch.where(pick, caps[torch.randint(0, len(caps), (batch,), generator=gen)],
+                       photos[torch.randint(0, len(photos), (batch,), generator=gen)])
+
+
 def random_batch(pairs: PairSet, batch: int, crop: int, gen: torch.Generator, augment: AugmentConfig | None = None,
-                 margin: float = DEFAULT_MARGIN) -> tuple[torch.Tensor, torch.Tensor]:
-    """`batch` random pairs, augmented alike on both sides (`fxassets.train.augment`: occluders, affine and colour jitter,
-    flips; `augment` None: flips only), then one random crop x crop window each (the same in source and target)."""
+                 margin: float = DEFAULT_MARGIN, capture_share: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` random pairs (`draw`), augmented alike on both sides (`fxassets.train.augment`: occluders, affine and
+    colour jitter, flips; `augment` None: flips only), then one random crop x crop window each (the same in source
+    and target)."""
     n, _, h, w = pairs.source.shape
-    idx = torch.randint(0, n, (batch,), generator=gen)
+    idx = draw(pairs, batch, gen, capture_share)
     src, tgt = pairs.source[idx].float().div_(255.0), pairs.target[idx].float().div_(255.0)
     src, tgt = augment_pairs(src, tgt, augment or FLIPS_ONLY, gen, margin=margin)
     if augment is not None and augment.capture_probability > 0:
@@ -272,7 +289,7 @@ def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: 
             scale = lr_factor(done)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * scale
-            src, tgt = random_batch(train, cfg.batch_size, cfg.crop, gen, cfg.augment, margin)
+            src, tgt = random_batch(train, cfg.batch_size, cfg.crop, gen, cfg.augment, margin, cfg.capture_share)
             if shard.world > 1:  # this rank's slice of the global batch, on its device
                 src, tgt = src[lo:hi].to(shard.device), tgt[lo:hi].to(shard.device)
             # channels-last on both sides: oneDNN runs the convolutions and the SSIM filters without relayouts
