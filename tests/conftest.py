@@ -20,7 +20,7 @@ BIN = Path(sys.executable).parent
 # A tiny pipeline: 5 faces per effect, a few training steps, a short latency run. Minutes, not hours.
 TINY_OVERRIDES = {
     "effects": {"cartoon": {"samples": 5}, "sketch": {"samples": 5}},
-    "faces": {"holdout_fraction": 0.25},
+    "faces": {"holdout_fraction": 0.25, "capture_variants": 0},  # the variants: test_captures.py
     "train": {"steps": 40, "batch_size": 8, "crop": 128, "eval_every": 20, "threads": 1},  # 2 threads, busy machine: 10x slower
     "export": {"calibration_samples": 4, "latency_runs": 5, "grid_samples": 2, "min_parity_db": 20.0},
 }

@@ -320,8 +320,7 @@ def fit(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig, gen: 
 
 
 def grey_result(model: nn.Module, held: PairSet, result: FitResult) -> FitResult:
-    """Project the trained student's output to grey (`student.project_grey`) and score it again: the held-out
-    figures and the curve's last point are the grey student's."""
+    """The trained student projected to grey (`student.project_grey`), its held-out scores and last curve point."""
     project_grey(model)
     scores = evaluate(model, held)
     curve = [dict(r) for r in result.curve]
