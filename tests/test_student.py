@@ -359,14 +359,16 @@ def test_output_colour_map_starts_as_identity_folds_exactly_and_makes_grey_from_
     assert all(producers.get(i) != "DequantizeLinear" for i in matmul.input)  # float in, float out
 
 
-def test_a_grey_teacher_gets_a_student_whose_output_is_grey_for_any_colour(tmp_path):
-    """train.grey_output: auto (opt-in): every target grey (a pencil sketch) -> the output colour map is the fixed grey
-    projection, so the student's output is grey for inputs of any colour, not only the studio's; a colour teacher
-    keeps a colour student.  The exported int8 model keeps it too."""
-    def grey_teacher(rgb: np.ndarray) -> np.ndarray:
-        g = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        return np.repeat((255 - g // 2)[..., None], 3, axis=2)
+def grey_teacher(rgb: np.ndarray) -> np.ndarray:
+    """A teacher that removes colour, as the pencil sketch does."""
+    g = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    return np.repeat((255 - g // 2)[..., None], 3, axis=2)
 
+
+def test_a_grey_teacher_gets_a_student_whose_output_is_grey_for_any_colour(tmp_path):
+    """train.grey_output: auto: every target grey (a pencil sketch) -> the trained output colour map is projected to
+    grey, so the student's output is grey for inputs of any colour, not only the studio's; a colour teacher keeps a
+    colour student."""
     grey_pairs = make_pairs(tmp_path / "grey", teacher=grey_teacher)
     metrics = run(grey_pairs, tmp_path / "g", tiny_cfg(grey_output="auto"))
     assert metrics["grey_output"] is True
@@ -382,10 +384,6 @@ def test_a_grey_teacher_gets_a_student_whose_output_is_grey_for_any_colour(tmp_p
 def test_the_grey_projection_after_training_only_brings_a_grey_teachers_student_closer(tmp_path):
     """The same training (seed, colour map) with and without the projection at the end: on grey targets the
     projected student scores at least as well on the held-out pairs, and its output carries no colour."""
-    def grey_teacher(rgb: np.ndarray) -> np.ndarray:
-        g = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        return np.repeat((255 - g // 2)[..., None], 3, axis=2)
-
     pairs = make_pairs(tmp_path / "grey", teacher=grey_teacher)
     colour = run(pairs, tmp_path / "colour", tiny_cfg(colour_transform=True, grey_output=False))
     grey = run(pairs, tmp_path / "proj", tiny_cfg(colour_transform=True, grey_output=True))
