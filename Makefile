@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# The phone runtimes of export.targets on top of the stack (`mobile` extra: ExecuTorch, the LiteRT interpreter, Core
-# ML tools; ~20 s). The LiteRT exporter (litert-torch) cannot be resolved beside the stack's pins: docs/mobile.md.
+# The phone runtimes of export.targets on top of the stack (`mobile` extra: ExecuTorch, Core ML tools; ~20 s; the
+# LiteRT interpreter is in the stack). The LiteRT exporter (litert-torch) cannot be resolved beside the stack's pins: docs/mobile.md.
 setup-mobile: setup
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[mobile]'
 

@@ -29,7 +29,7 @@ class LiteRTSession:
     """A .tflite model in the LiteRT interpreter (ai-edge-litert; XNNPACK delegate), `threads` threads (>= 1)."""
 
     def __init__(self, path: str | Path, threads: int = 1):
-        _missing(Path(path), "ai_edge_litert", "pip install -c constraints.txt -e '.[mobile]'")
+        _missing(Path(path), "ai_edge_litert", "pip install -c constraints.txt -e .")
         from ai_edge_litert.interpreter import Interpreter
 
         self.path = Path(path)
