@@ -1,12 +1,15 @@
 """The tracker's Face Mesh: its runtime side by side, and the calibration of its keypoints onto the detector's.
 
     python benchmarks/bench_tracking.py [--json F]   # the mesh in LiteRT (the tracker's) against OpenCV's importer
+    python benchmarks/bench_tracking.py --effect cartoon  # ... and the tracked clip through the built int8 student
     python benchmarks/bench_tracking.py --calibrate  # MESH_TO_DETECTOR from the 102 sample portraits
 
 Side by side: MediaPipe's `face_landmark.tflite` in the LiteRT interpreter (XNNPACK, 1 thread; what
 `fxassets.tracking.FaceMesh` runs) and in OpenCV's TFLite importer (`cv2.dnn.readNetFromTFLite`, what it ran
 before), alternating in one process on the synthetic clip's crops: CPU ms per call of the calling thread (the
-machine may be shared), the largest landmark difference, and the tracker's figures on the whole clip with each.
+machine may be shared), the largest landmark difference, and the tracker's figures on the whole clip with each;
+with `--effect`, `fxassets bench`'s tracked-clip figure (the whole runtime: track, align, model, composite; CPU ms of
+the process) with each mesh, alternating.
 
 Calibration: on each sample portrait the detector's keypoints (with the refinement pass: how the training crops are
 aligned) minus the mesh's on the ROI the detector gives, in the eye frame, in eye distances; the means are
@@ -89,6 +92,27 @@ def _clip_track(clip: SyntheticClip, truth: np.ndarray, mesh: FaceMesh) -> dict:
     return {"track_cpu_ms_mean": round(float(np.mean(cpu)), 3), **track_figures(clip, truth, kps, raw)}
 
 
+def runtime(effect: str, rounds: int) -> dict:
+    """`fxassets bench`'s tracked 720p clip through the built int8 student, with each mesh, alternating."""
+    import fxassets.tracking
+    from fxassets.cli.bench import video_ms
+    from fxassets.core.config import load_params
+
+    params = load_params(Path("params.yaml"))
+    photo = read_rgb(list_images(SAMPLE_FACES)[0])
+    runs: dict[str, list] = {"litert": [], "opencv": []}
+    for _ in range(rounds):
+        for name, mesh in (("litert", FaceMesh), ("opencv", OpenCVMesh)):
+            fxassets.tracking.FaceMesh = mesh  # what FaceTracker builds
+            try:
+                runs[name].append(video_ms(params, effect, photo))
+            finally:
+                fxassets.tracking.FaceMesh = FaceMesh
+    return {name: {"video_cpu_ms_1t": round(float(np.median([r["cpu"] for r in rs])), 3),
+                   "video_ms_1t": {k: round(float(np.median([r["ms"][k] for r in rs])), 3) for k in rs[0]["ms"]}}
+            for name, rs in runs.items()}
+
+
 def compare(rounds: int = 5) -> dict:
     photo = read_rgb(list_images(SAMPLE_FACES)[0])
     with FaceDetector() as det:
@@ -125,9 +149,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calibrate", action="store_true", help="MESH_TO_DETECTOR from the sample portraits")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds over the clip's crops (default 5)")
+    ap.add_argument("--effect", help="also the tracked clip through this built effect's int8 student (make run first)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args(argv)
     out = calibrate() if args.calibrate else compare(args.rounds)
+    if args.effect and not args.calibrate:
+        out["runtime"] = {"effect": args.effect, **runtime(args.effect, max(1, args.rounds // 2))}
     print(json.dumps(out, indent=1))
     if args.json:
         write_json(args.json, out)
