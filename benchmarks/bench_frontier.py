@@ -5,8 +5,12 @@ cannot reach 5 ms, choose the default from this frontier).
     python benchmarks/bench_frontier.py --encoders mobilenetv3_small_100 lcnet_050 --widths 0.5 1.0
     python benchmarks/bench_frontier.py --train-steps 500 --pairs data/face_pairs/cartoon    # + held-out PSNR
     python benchmarks/bench_frontier.py --decoders 0:0 1:1 --encoders mobilenetv4_conv_small_050 --widths 1.0
+    python benchmarks/bench_frontier.py --encoders mobilenetv4_conv_small_050 --widths 1.0 \
+        --decoders 0:0:nearest 0:0:bilinear 0:0:bilinear:colour    # upsampling, the output colour map
 
-For each encoder x width x decoder (``B:H``: inverted-residual blocks per decoder stage : in the head): build the student (`fxassets.train.student.build_student`), export it to ONNX (fp32) and to int8
+For each encoder x width x decoder (``B:H[:UPSAMPLE[:colour]]``: inverted-residual blocks per decoder stage : in the
+head, the decoder's upsampling, ``colour`` for the output colour map that the sketch student's grey output folds
+into a matrix product; unset parts from params.yaml's `train`): build the student (`fxassets.train.student.build_student`), export it to ONNX (fp32) and to int8
 (QDQ, the export stage's settings: per-channel int8 weights, uint8 activations).  Then every model is timed with ONNX
 Runtime CPU at 1 thread in one `fxassets.export.latency.latency_compare` call: all side by side, taking turns in --rounds
 blocks, median of --runs each, so that the load of a shared machine hits every row alike.  Latency does not depend on
@@ -60,6 +64,19 @@ def _pairs_images(pairs_dir: Path, split: str, n: int) -> list[np.ndarray]:
     return [read_png_rgb(pairs_dir / rows.loc[i, "source"]) for i in _spread(len(rows), n)]
 
 
+def _decoder(text: str, default: tuple[int, int, str, bool]) -> tuple[int, int, str, bool]:
+    """``B:H[:UPSAMPLE[:colour]]`` -> (blocks, head blocks, upsampling, colour map); unset parts from `default`."""
+    parts = text.split(":")
+    if len(parts) < 2 or len(parts) > 4 or (len(parts) == 4 and parts[3] != "colour"):
+        raise SystemExit(f"--decoders {text!r}: expected B:H[:UPSAMPLE[:colour]], e.g. 0:0 or 0:0:bilinear:colour")
+    upsample = parts[2] if len(parts) > 2 else default[2]
+    return int(parts[0]), int(parts[1]), upsample, len(parts) == 4 if len(parts) > 2 else default[3]
+
+
+def _label(decoder: tuple[int, int, str, bool]) -> str:
+    return f"{decoder[0]}:{decoder[1]}:{decoder[2]}" + (":colour" if decoder[3] else "")
+
+
 def pareto(rows: list[dict[str, Any]], quality: str | None) -> None:
     """Mark `frontier` on the rows no other row beats: lower int8 ms and higher `quality` (or fewer params)."""
     def better(a: dict, b: dict) -> bool:  # a dominates b
@@ -82,14 +99,15 @@ def build(encoder: str, width: float, decoder: tuple[int, int], args: argparse.N
     from fxassets.export.session import to_input
     from fxassets.train.student import build_student, count_params, load_student
 
-    tag = f"{encoder}_w{width:g}_d{decoder[0]}{decoder[1]}"
-    row: dict[str, Any] = {"encoder": encoder, "width": width, "decoder": f"{decoder[0]}:{decoder[1]}"}
+    tag = f"{encoder}_w{width:g}_d{decoder[0]}{decoder[1]}{decoder[2]}{'_colour' if decoder[3] else ''}"
+    row: dict[str, Any] = {"encoder": encoder, "width": width, "decoder": _label(decoder)}
     t0 = time.perf_counter()
     if train_cfg is not None:
         from fxassets.train.loop import train_student
 
         cfg = train_cfg.model_copy(update={"encoder": encoder, "width": width, "decoder_blocks": decoder[0],
-                                           "head_blocks": decoder[1]})
+                                           "head_blocks": decoder[1], "upsample": decoder[2],
+                                           "colour_transform": decoder[3]})
         ckpt = work / f"{tag}.safetensors"
         m = train_student(args.pairs, cfg, ckpt, work / f"{tag}.metrics.json", work / f"{tag}.curve.csv", progress=False)
         row.update(heldout_psnr=m["heldout_psnr"], heldout_ssim=m["heldout_ssim"], identity_psnr=m["identity_psnr"],
@@ -97,7 +115,8 @@ def build(encoder: str, width: float, decoder: tuple[int, int], args: argparse.N
         model, _ = load_student(ckpt)
     else:
         torch.manual_seed(0)
-        model = build_student(encoder, width, blocks=decoder[0], head_blocks=decoder[1]).eval()
+        model = build_student(encoder, width, blocks=decoder[0], head_blocks=decoder[1], upsample=decoder[2],
+                              colour=decoder[3]).eval()
     row["params"] = count_params(model)
     fp32, int8 = work / f"{tag}.onnx", work / f"{tag}.int8.onnx"
     exp = export_onnx(model, fp32, size=args.size, opset=args.opset)
@@ -151,8 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from fxassets.core.config import TrainConfig, load_params
 
     base = load_params(args.params).train if args.params.is_file() else TrainConfig()
-    default = (DEFAULT_ENCODER, 1.0, (base.decoder_blocks, base.head_blocks))
-    decoders = [tuple(int(v) for v in d.split(":")) for d in args.decoders] if args.decoders else [default[2]]
+    default = (DEFAULT_ENCODER, 1.0, (base.decoder_blocks, base.head_blocks, base.upsample, base.colour_transform))
+    decoders = [_decoder(d, default[2]) for d in args.decoders] if args.decoders else [default[2]]
     train_cfg = None
     if args.train_seconds or args.train_steps:
         train_cfg = base.model_copy(update={"steps": args.train_steps or 10**7, "max_seconds": float(args.train_seconds),
@@ -176,16 +195,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row = build(encoder, width, decoder, args, work, calib, evals, train_cfg)
             done = f"{row['params']:,} params, built in {row['build_seconds']:.0f} s"
         except Exception as exc:  # an encoder timm lacks, or one the student cannot use: say so, go on
-            row = {"encoder": encoder, "width": width, "decoder": f"{decoder[0]}:{decoder[1]}", "error": f"{type(exc).__name__}: {exc}"[:300]}
+            row = {"encoder": encoder, "width": width, "decoder": _label(decoder), "error": f"{type(exc).__name__}: {exc}"[:300]}
             done = row["error"]
         rows.append(row)
-        print(f"[{len(rows)}/{len(combos)}] {encoder} w{width:g} d{decoder[0]}:{decoder[1]}: {done}", file=sys.stderr, flush=True)
+        print(f"[{len(rows)}/{len(combos)}] {encoder} w{width:g} d{_label(decoder)}: {done}", file=sys.stderr, flush=True)
 
     ok = [r for r in rows if "error" not in r]
     models = {f"{i}:{kind}": r[f"_{kind}"] for i, r in enumerate(ok) for kind in ("fp32", "int8")}
     print(f"timing {len(models)} models side by side, {args.runs} runs each ...", file=sys.stderr, flush=True)
     ms = latency_compare(models, threads=1, runs=args.runs, warmup=args.warmup, rounds=args.rounds)
-    ref_decoder = f"{default[2][0]}:{default[2][1]}"
+    ref_decoder = _label(default[2])
     ref = next(r for r in ok if (r["encoder"], r["width"], r["decoder"]) == (DEFAULT_ENCODER, 1.0, ref_decoder))
     for i, r in enumerate(ok):
         r.update(fp32_ms=ms[f"{i}:fp32"], int8_ms=ms[f"{i}:int8"])
