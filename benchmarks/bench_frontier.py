@@ -6,11 +6,12 @@ cannot reach 5 ms, choose the default from this frontier).
     python benchmarks/bench_frontier.py --train-steps 500 --pairs data/face_pairs/cartoon    # + held-out PSNR
     python benchmarks/bench_frontier.py --decoders 0:0 1:1 --encoders mobilenetv4_conv_small_050 --widths 1.0
     python benchmarks/bench_frontier.py --encoders mobilenetv4_conv_small_050 --widths 1.0 \
-        --decoders 0:0:nearest 0:0:bilinear 0:0:bilinear:colour    # upsampling, the output colour map
+        --decoders 0:0:nearest 0:0:bilinear 0:0:bilinear:colour 0:0:bilinear:head3  # the student's options
 
-For each encoder x width x decoder (``B:H[:UPSAMPLE[:colour]]``: inverted-residual blocks per decoder stage : in the
-head, the decoder's upsampling, ``colour`` for the output colour map that the sketch student's grey output folds
-into a matrix product; unset parts from params.yaml's `train`): build the student (`fxassets.train.student.build_student`), export it to ONNX (fp32) and to int8
+For each encoder x width x decoder (``B:H[:UPSAMPLE[:FLAG...]]``: inverted-residual blocks per decoder stage : in
+the head, the decoder's upsampling, and flags: ``colour`` for the output colour map that the sketch student's grey
+output folds into a matrix product, ``head3`` for a 3x3 last head conv (`train.head_kernel`); B:H alone takes the
+rest from params.yaml's `train`): build the student (`fxassets.train.student.build_student`), export it to ONNX (fp32) and to int8
 (QDQ, the export stage's settings: per-channel int8 weights, uint8 activations).  Then every model is timed with ONNX
 Runtime CPU at 1 thread in one `fxassets.export.latency.latency_compare` call: all side by side, taking turns in --rounds
 blocks, median of --runs each, so that the load of a shared machine hits every row alike.  Latency does not depend on
@@ -64,17 +65,23 @@ def _pairs_images(pairs_dir: Path, split: str, n: int) -> list[np.ndarray]:
     return [read_png_rgb(pairs_dir / rows.loc[i, "source"]) for i in _spread(len(rows), n)]
 
 
-def _decoder(text: str, default: tuple[int, int, str, bool]) -> tuple[int, int, str, bool]:
-    """``B:H[:UPSAMPLE[:colour]]`` -> (blocks, head blocks, upsampling, colour map); unset parts from `default`."""
+FLAGS = ("colour", "head3")  # the student's options a decoder spec can switch on: colour map, head_kernel 3
+
+
+def _decoder(text: str, default: tuple) -> tuple[int, int, str, bool, bool]:
+    """``B:H[:UPSAMPLE[:FLAG...]]`` -> (blocks, head blocks, upsampling, colour map, 3x3 head); with no UPSAMPLE
+    the rest from `default` (params.yaml), with one only the FLAGS named."""
     parts = text.split(":")
-    if len(parts) < 2 or len(parts) > 4 or (len(parts) == 4 and parts[3] != "colour"):
-        raise SystemExit(f"--decoders {text!r}: expected B:H[:UPSAMPLE[:colour]], e.g. 0:0 or 0:0:bilinear:colour")
-    upsample = parts[2] if len(parts) > 2 else default[2]
-    return int(parts[0]), int(parts[1]), upsample, len(parts) == 4 if len(parts) > 2 else default[3]
+    if len(parts) < 2 or any(f not in FLAGS for f in parts[3:]):
+        raise SystemExit(f"--decoders {text!r}: expected B:H[:UPSAMPLE[:FLAG...]] with FLAGS from {FLAGS}, "
+                         "e.g. 0:0 or 0:0:bilinear:colour:head3")
+    if len(parts) == 2:
+        return (int(parts[0]), int(parts[1]), *default[2:])
+    return int(parts[0]), int(parts[1]), parts[2], *(f in parts[3:] for f in FLAGS)
 
 
-def _label(decoder: tuple[int, int, str, bool]) -> str:
-    return f"{decoder[0]}:{decoder[1]}:{decoder[2]}" + (":colour" if decoder[3] else "")
+def _label(decoder: tuple) -> str:
+    return ":".join([str(decoder[0]), str(decoder[1]), decoder[2], *(f for f, on in zip(FLAGS, decoder[3:]) if on)])
 
 
 def pareto(rows: list[dict[str, Any]], quality: str | None) -> None:
@@ -99,7 +106,7 @@ def build(encoder: str, width: float, decoder: tuple[int, int], args: argparse.N
     from fxassets.export.session import to_input
     from fxassets.train.student import build_student, count_params, load_student
 
-    tag = f"{encoder}_w{width:g}_d{decoder[0]}{decoder[1]}{decoder[2]}{'_colour' if decoder[3] else ''}"
+    tag = f"{encoder}_w{width:g}_d" + _label(decoder).replace(":", "_")
     row: dict[str, Any] = {"encoder": encoder, "width": width, "decoder": _label(decoder)}
     t0 = time.perf_counter()
     if train_cfg is not None:
@@ -107,7 +114,7 @@ def build(encoder: str, width: float, decoder: tuple[int, int], args: argparse.N
 
         cfg = train_cfg.model_copy(update={"encoder": encoder, "width": width, "decoder_blocks": decoder[0],
                                            "head_blocks": decoder[1], "upsample": decoder[2],
-                                           "colour_transform": decoder[3]})
+                                           "colour_transform": decoder[3], "head_kernel": 3 if decoder[4] else 1})
         ckpt = work / f"{tag}.safetensors"
         m = train_student(args.pairs, cfg, ckpt, work / f"{tag}.metrics.json", work / f"{tag}.curve.csv", progress=False)
         row.update(heldout_psnr=m["heldout_psnr"], heldout_ssim=m["heldout_ssim"], identity_psnr=m["identity_psnr"],
@@ -116,7 +123,7 @@ def build(encoder: str, width: float, decoder: tuple[int, int], args: argparse.N
     else:
         torch.manual_seed(0)
         model = build_student(encoder, width, blocks=decoder[0], head_blocks=decoder[1], upsample=decoder[2],
-                              colour=decoder[3]).eval()
+                              colour=decoder[3], head_kernel=3 if decoder[4] else 1).eval()
     row["params"] = count_params(model)
     fp32, int8 = work / f"{tag}.onnx", work / f"{tag}.int8.onnx"
     exp = export_onnx(model, fp32, size=args.size, opset=args.opset)
@@ -170,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from fxassets.core.config import TrainConfig, load_params
 
     base = load_params(args.params).train if args.params.is_file() else TrainConfig()
-    default = (DEFAULT_ENCODER, 1.0, (base.decoder_blocks, base.head_blocks, base.upsample, base.colour_transform))
+    default = (DEFAULT_ENCODER, 1.0, (base.decoder_blocks, base.head_blocks, base.upsample, base.colour_transform,
+                                      base.head_kernel == 3))
     decoders = [_decoder(d, default[2]) for d in args.decoders] if args.decoders else [default[2]]
     train_cfg = None
     if args.train_seconds or args.train_steps:

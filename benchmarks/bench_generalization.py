@@ -13,7 +13,7 @@ A variant is `name:key=value,...` over `params.yaml`'s `train` section (dots rea
 machine's speed never changes what is measured.  Pairs: the built `data/face_pairs/E` (run `dvc repro face_pairs@E`
 first).  The evaluation sets are never trained on; their teacher outputs are cached under
 `.cache/fxassets/evaluate/`.  Figures are medians over faces: PSNR and SSIM against the teacher, *recovered* (the
-share of the teacher's change the student reproduces), the CIELAB chroma error, the tile ratio (1: no tiles).
+share of the teacher's change the student reproduces), the CIELAB chroma error, the tile ratio (1: no tiles), the 2x2-block ratio (1: no pixel-shuffle blocks).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"CPU: {cpu}", flush=True)
     results: dict = {"cpu": cpu, "runs": []}
     print(f"{'variant':12s} {'effect':8s} {'set':10s} {'n':>4s} {'PSNR':>6s} {'input':>6s} {'recov':>6s} {'chroma':>6s} "
-          f"{'teach':>6s} {'tiles':>6s}", flush=True)  # tiles: tile_excess, student over teacher
+          f"{'teach':>6s} {'tiles':>6s} {'blocks':>6s}", flush=True)  # tile_excess, block_excess: over the teacher
     for effect in effects:
         paths = EffectPaths(root, effect)
         sets = {"heldout": heldout_pairs(paths.pairs_dir)}
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
                     if m:
                         print(f"{name:12s} {effect:8s} {set_name:10s} {len(pairs):4d} {m['psnr_db']:6.2f} "
                               f"{m['input_psnr_db']:6.2f} {m['recovered']:6.3f} {m['chroma_error']:6.2f} "
-                              f"{m['teacher_chroma']:6.2f} {m['tile_excess']:6.2f}", flush=True)
+                              f"{m['teacher_chroma']:6.2f} {m['tile_excess']:6.2f} {m['block_excess']:6.2f}", flush=True)
             run["seconds"] = round(time.perf_counter() - t0, 1)
             print(f"{name:12s} {effect:8s} int8 {run['int8_ms_1t']:.2f} ms / fp32 {run['fp32_ms_1t']:.2f} ms, parity "
                   f"{run['parity_psnr_db']:.1f} dB, {run['steps']} steps, {run['seconds']:.0f} s ({cpu})", flush=True)

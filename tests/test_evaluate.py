@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from fxassets.cli import main
-from fxassets.evaluation import chroma, pair_scores, tile_ratio
+from fxassets.evaluation import block_ratio, chroma, pair_scores, tile_ratio
 from fxassets.export.onnx_export import export_onnx
 from fxassets.export.quantize import float_end_nodes, preprocess_for_quant, quantize_int8
 from fxassets.export.session import to_input
@@ -38,6 +38,16 @@ def test_tile_ratio_finds_blocks_and_not_smooth_images():
     assert tile_ratio(smooth) < 1.3
     assert tile_ratio(tiled) > 3.0
     assert tile_ratio(np.full((64, 64, 3), 7, np.uint8)) == 1.0
+
+
+def test_block_ratio_finds_a_pixel_shuffles_2x2_blocks_and_not_smooth_images():
+    smooth = _smooth(256)
+    rng = np.random.default_rng(2)
+    half = rng.normal(0, 6, (128, 128, 3))  # a fine change, one value per 2x2 block as a 1x1-kernel head makes it
+    blocky = np.clip(smooth + np.repeat(np.repeat(half, 2, 0), 2, 1), 0, 255).astype(np.uint8)
+    assert block_ratio(smooth) < 1.2 and block_ratio(np.full((64, 64, 3), 7, np.uint8)) == 1.0
+    assert block_ratio(blocky) > 5.0
+    assert pair_scores(blocky, smooth, smooth)["block_excess"] > 5.0  # ... and the student's over the teacher's
 
 
 def test_pair_scores_recovered_and_chroma():

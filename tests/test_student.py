@@ -392,3 +392,29 @@ def test_the_grey_projection_after_training_only_brings_a_grey_teachers_student_
     with torch.no_grad():
         y = model(torch.rand(1, 3, 64, 64))
     assert (y - y.mean(1, keepdim=True)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kernel, reach", [(1, 2), (3, 6)])
+def test_head_kernel_sets_how_far_one_half_resolution_feature_reaches_and_folds_exactly(kernel, reach):
+    """train.head_kernel: with 1 the four sub-pixels of each pixel shuffle block come from that block's feature
+    alone (so the change can jump between 2x2 blocks); with 3 a feature reaches its neighbours' blocks too.  A fresh
+    student is the identity either way, and the inference form (colour map folded in) gives the same outputs."""
+    from fxassets.train.student import inference_form, project_grey
+
+    torch.manual_seed(5)
+    model = build_student(upsample="bilinear", colour=True, head_kernel=kernel).eval()
+    x = torch.rand(1, 3, 64, 64)
+    last = model.head[-1]
+    with torch.no_grad():
+        assert torch.equal(model(x), x)
+        last.weight.normal_(0, 0.05)
+        f = torch.rand(1, last.in_channels, 8, 8)
+        g = f.clone()
+        g[..., 4, 4] += 1.0  # one half-resolution feature
+        moved = torch.nn.functional.pixel_shuffle(last(g) - last(f), 2)[0].abs().sum(0) > 0  # 16 x 16 output px
+    rows, cols = moved.any(1).nonzero(), moved.any(0).nonzero()
+    assert int(rows.max() - rows.min() + 1) == reach and int(cols.max() - cols.min() + 1) == reach
+    project_grey(model)
+    with torch.no_grad():
+        y, z = model(x), inference_form(model)(x)
+    assert torch.allclose(y, z, atol=1e-5) and not torch.equal(y, x)

@@ -89,6 +89,20 @@ def tile_ratio(rgb: np.ndarray, periods: tuple[int, ...] = TILE_PERIODS) -> floa
     return float(max(ratios))
 
 
+def block_ratio(rgb: np.ndarray) -> float:
+    """Gradient energy across the boundaries of a 2-px grid (between columns 2k - 1 and 2k, and rows) over that
+    across the others: ~1 for a photo; a head whose pixel shuffle fills each 2x2 block from one half-resolution
+    feature shows the blocks as a ratio above 1.  Every 8 / 16 / 32 px grid line is such a boundary, so
+    `tile_ratio` sees the blocks too (docs/student.md, fourth round)."""
+    g = np.asarray(rgb, np.float32)
+    g = g.mean(axis=2) if g.ndim == 3 else g
+    dx, dy = np.diff(g, axis=1) ** 2, np.diff(g, axis=0) ** 2
+    ex, ey = (np.arange(1, g.shape[1]) % 2) == 0, (np.arange(1, g.shape[0]) % 2) == 0
+    even, odd = dx[:, ex].sum() + dy[ey].sum(), dx[:, ~ex].sum() + dy[~ey].sum()
+    n_even, n_odd = ex.sum() * g.shape[0] + ey.sum() * g.shape[1], (~ex).sum() * g.shape[0] + (~ey).sum() * g.shape[1]
+    return float(even / n_even / (odd / n_odd)) if odd > 0 and n_even and n_odd else 1.0
+
+
 def pair_scores(student: np.ndarray, teacher: np.ndarray, source: np.ndarray) -> dict[str, float]:
     """The metrics of one face (HxWx3 uint8 crops): student against teacher, with the unchanged input beside."""
     import torch
@@ -115,6 +129,7 @@ def pair_scores(student: np.ndarray, teacher: np.ndarray, source: np.ndarray) ->
         # aligned crops put the eyes, nose and mouth at fixed places, some on grid lines, so a photo scores above 1
         # too: what the student adds on top of the teacher's own figure is the artifact
         "tile_excess": tile_ratio(student) / max(tile_ratio(teacher), 1e-6),
+        "block_excess": block_ratio(student) / max(block_ratio(teacher), 1e-6),
     }
 
 

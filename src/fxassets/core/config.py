@@ -240,8 +240,8 @@ class TrainConfig(_Strict):
     width: float = Field(1.0, gt=0, le=2, description="decoder width multiplier")
     decoder_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks after each decoder fuse")
     head_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks in the half-resolution head")
-    upsample: Literal["nearest", "bilinear"] = Field(
-        "bilinear", description="decoder x2 upsampling; nearest shows the deep features' blocks as 16-32 px tiles")
+    upsample: Literal["nearest", "bilinear"] = Field("bilinear", description="decoder x2 upsampling (nearest: tiles)")
+    head_kernel: Literal[1, 3] = Field(1, description="the head's last conv's kernel (3: the pixel shuffle's blocks blend)")
     colour_transform: bool = Field(False, description="a learned 3x3 colour map of the output (student.py)")
     grey_output: bool | Literal["auto"] = Field(False, description="output projected to grey; auto: if every target is")
     capture_share: float | None = Field(None, ge=0, le=1, description="share of a batch from faces.capture_variants")

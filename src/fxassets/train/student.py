@@ -180,7 +180,8 @@ class Student(nn.Module):
                  decoder_channels: tuple[int, ...] = DECODER_CHANNELS, blocks: int = 0,
                  head_blocks: int = 0, exp_ratio: float = 3.0,
                  act_layer: type[nn.Module] = nn.ReLU, norm_layer: type[nn.Module] = nn.BatchNorm2d,
-                 encoder_weights: str | Path | None = None, upsample: str = "nearest", colour: bool = False):
+                 encoder_weights: str | Path | None = None, upsample: str = "nearest", colour: bool = False,
+                 head_kernel: int = 1):
         super().__init__()
         if len(decoder_channels) != 4:
             raise ValueError("decoder_channels needs 4 values (strides 16, 8, 4, 2)")
@@ -188,7 +189,7 @@ class Student(nn.Module):
         self.width = float(width)
         # the shape-defining settings beyond encoder and width: saved in checkpoints, passed back on load
         self.arch = {"decoder_channels": list(decoder_channels), "blocks": blocks, "head_blocks": head_blocks,
-                     "exp_ratio": exp_ratio, "upsample": upsample, "colour": colour}
+                     "exp_ratio": exp_ratio, "upsample": upsample, "colour": colour, "head_kernel": head_kernel}
         self.encoder = _encoder(encoder, encoder_weights)
         info = self.encoder.feature_info
         reductions = info.reduction()
@@ -206,7 +207,11 @@ class Student(nn.Module):
         self.head = nn.Sequential(  # at half resolution
             ConvNormAct(dec[3], dec[3], 3, **kw),
             *[InvertedResidual(dec[3], dec[3], exp_ratio=exp_ratio, **kw) for _ in range(head_blocks)],
-            nn.Conv2d(dec[3], 12, 1, bias=True),
+            # the 12 channels are pixel_shuffle's 2x2 sub-pixels of each half-resolution position: with a 1x1 kernel
+            # all four come from that one position and the change jumps between the 2x2 blocks (a period-2 pattern
+            # that evaluation's tile ratio sees on every even grid line); a 3x3 kernel lets them blend into their
+            # neighbours (docs/student.md)
+            nn.Conv2d(dec[3], 12, head_kernel, padding=head_kernel // 2, bias=True),
         )
         nn.init.zeros_(self.head[-1].weight)  # start as the identity: out == x
         nn.init.zeros_(self.head[-1].bias)
@@ -244,7 +249,7 @@ def build_student(encoder: str = DEFAULT_ENCODER, width: float = 1.0, **kwargs: 
 def arch_options(cfg: Any) -> dict[str, Any]:
     """The decoder settings of a `TrainConfig` as `build_student` keyword arguments."""
     return {"blocks": cfg.decoder_blocks, "head_blocks": cfg.head_blocks, "upsample": cfg.upsample,
-            "colour": cfg.colour_transform}
+            "colour": cfg.colour_transform, "head_kernel": cfg.head_kernel}
 
 
 def count_params(model: nn.Module) -> int:
