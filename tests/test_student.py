@@ -394,15 +394,17 @@ def test_the_grey_projection_after_training_only_brings_a_grey_teachers_student_
     assert (y - y.mean(1, keepdim=True)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("kernel, reach", [(1, 2), (3, 6)])
-def test_head_kernel_sets_how_far_one_half_resolution_feature_reaches_and_folds_exactly(kernel, reach):
+@pytest.mark.parametrize("kernel, conv_kernel, reach", [(1, 3, 2), (3, 3, 6), (3, 1, 6)])
+def test_head_kernel_sets_how_far_one_half_resolution_feature_reaches_and_folds_exactly(kernel, conv_kernel, reach):
     """train.head_kernel: with 1 the four sub-pixels of each pixel shuffle block come from that block's feature
-    alone (so the change can jump between 2x2 blocks); with 3 a feature reaches its neighbours' blocks too.  A fresh
-    student is the identity either way, and the inference form (colour map folded in) gives the same outputs."""
+    alone (so the change can jump between 2x2 blocks); with 3 a feature reaches its neighbours' blocks too
+    (train.head_conv_kernel: the dense conv before it).  A fresh student is the identity either way, and the
+    inference form (colour map folded in) gives the same outputs."""
     from fxassets.train.student import inference_form, project_grey
 
     torch.manual_seed(5)
-    model = build_student(upsample="bilinear", colour=True, head_kernel=kernel).eval()
+    model = build_student(upsample="bilinear", colour=True, head_kernel=kernel, head_conv_kernel=conv_kernel).eval()
+    assert model.head[0].conv.kernel_size == (conv_kernel, conv_kernel)
     x = torch.rand(1, 3, 64, 64)
     last = model.head[-1]
     with torch.no_grad():

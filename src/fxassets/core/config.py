@@ -241,6 +241,7 @@ class TrainConfig(_Strict):
     decoder_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks after each decoder fuse")
     head_blocks: int = Field(0, ge=0, le=4, description="inverted-residual blocks in the half-resolution head")
     upsample: Literal["nearest", "bilinear"] = Field("bilinear", description="decoder x2 upsampling (nearest: tiles)")
+    head_conv_kernel: Literal[1, 3] = Field(3, description="kernel of the head's first (dense) conv")
     head_kernel: Literal[1, 3] = Field(1, description="the head's last conv's kernel (3: the pixel shuffle's blocks blend)")
     colour_transform: bool = Field(False, description="a learned 3x3 colour map of the output (student.py)")
     grey_output: bool | Literal["auto"] = Field(False, description="output projected to grey; auto: if every target is")
@@ -288,8 +289,7 @@ class ExportConfig(_Strict):
     calibration_samples: int = Field(64, ge=1, description="train pairs to calibrate on (spread over the split; "
                                                             "all of them when there are fewer)")
     calibration_method: Literal["auto", "minmax", "entropy", "percentile"] = Field(
-        "auto", description="auto: minmax and percentile 99.99 / 99.999 tried, the closest to fp32 on calibration "
-                            "images kept")
+        "auto", description="auto: minmax, percentile 99.99 / 99.999 tried, the closest to fp32 on calibration kept")
     keep_float: list[Literal["input", "output"]] = Field(
         ["input"], description="network ends kept in float: input (the convolution reading the image: +7..10 dB "
                                "parity, +0.4 % int8 time), output (the head's last convolution through the residual "

@@ -3,9 +3,11 @@
 Encoder: any timm model with ``features_only=True`` (default MobileNetV4-conv-small at half width, random init),
 giving features at strides 2, 4, 8, 16 and 32.  Decoder: from the deepest feature up to stride 2, each stage
 upsamples x2, concatenates the encoder skip of that scale and fuses them with a 1x1 conv (+ ``blocks`` timm
-inverted-residual blocks; default none).  Head: a dense 3x3 conv at half resolution (+ ``head_blocks`` inverted-residual
-blocks; default none), then a 1x1 conv to 12 channels that ``pixel_shuffle(2)`` unfolds into a full-resolution RGB
-change (the last conv starts at zero, so a fresh student is the identity).  Output ``clamp(x + delta, 0, 1)``: the
+inverted-residual blocks; default none).  Head: a dense conv at half resolution (``head_conv_kernel``, 3 or 1; +
+``head_blocks`` inverted-residual blocks, default none), then a conv to 12 channels (``head_kernel``, 1 or 3: with 3
+each output sub-pixel also sees the neighbouring features, so the change does not jump between the 2x2 blocks) that
+``pixel_shuffle(2)`` unfolds into a full-resolution RGB change (the last conv starts at zero, so a fresh student is
+the identity).  Class defaults are the older 3x3 / 1x1 head (checkpoints without the keys); params.yaml's are 1 / 3.  Output ``clamp(x + delta, 0, 1)``: the
 network learns the edit, the identity is free.
 
 Why this shape (benchmarks/bench_frontier.py, docs/student.md): int8 convolutions pay off for dense convs and barely
@@ -181,7 +183,7 @@ class Student(nn.Module):
                  head_blocks: int = 0, exp_ratio: float = 3.0,
                  act_layer: type[nn.Module] = nn.ReLU, norm_layer: type[nn.Module] = nn.BatchNorm2d,
                  encoder_weights: str | Path | None = None, upsample: str = "nearest", colour: bool = False,
-                 head_kernel: int = 1):
+                 head_kernel: int = 1, head_conv_kernel: int = 3):
         super().__init__()
         if len(decoder_channels) != 4:
             raise ValueError("decoder_channels needs 4 values (strides 16, 8, 4, 2)")
@@ -189,7 +191,8 @@ class Student(nn.Module):
         self.width = float(width)
         # the shape-defining settings beyond encoder and width: saved in checkpoints, passed back on load
         self.arch = {"decoder_channels": list(decoder_channels), "blocks": blocks, "head_blocks": head_blocks,
-                     "exp_ratio": exp_ratio, "upsample": upsample, "colour": colour, "head_kernel": head_kernel}
+                     "exp_ratio": exp_ratio, "upsample": upsample, "colour": colour, "head_kernel": head_kernel,
+                     "head_conv_kernel": head_conv_kernel}
         self.encoder = _encoder(encoder, encoder_weights)
         info = self.encoder.feature_info
         reductions = info.reduction()
@@ -205,7 +208,7 @@ class Student(nn.Module):
         self.up4 = UpStage(dec[1], enc[1], dec[2], **up)
         self.up2 = UpStage(dec[2], enc[0], dec[3], **up)
         self.head = nn.Sequential(  # at half resolution
-            ConvNormAct(dec[3], dec[3], 3, **kw),
+            ConvNormAct(dec[3], dec[3], head_conv_kernel, **kw),
             *[InvertedResidual(dec[3], dec[3], exp_ratio=exp_ratio, **kw) for _ in range(head_blocks)],
             # the 12 channels are pixel_shuffle's 2x2 sub-pixels of each half-resolution position: with a 1x1 kernel
             # all four come from that one position and the change jumps between the 2x2 blocks (a period-2 pattern
@@ -249,7 +252,8 @@ def build_student(encoder: str = DEFAULT_ENCODER, width: float = 1.0, **kwargs: 
 def arch_options(cfg: Any) -> dict[str, Any]:
     """The decoder settings of a `TrainConfig` as `build_student` keyword arguments."""
     return {"blocks": cfg.decoder_blocks, "head_blocks": cfg.head_blocks, "upsample": cfg.upsample,
-            "colour": cfg.colour_transform, "head_kernel": cfg.head_kernel}
+            "colour": cfg.colour_transform, "head_kernel": cfg.head_kernel,
+            "head_conv_kernel": cfg.head_conv_kernel}
 
 
 def count_params(model: nn.Module) -> int:
