@@ -17,7 +17,6 @@ and the variant number, so adding faces or effects never changes another variant
 from __future__ import annotations
 
 import re
-
 import zlib
 from typing import Any
 

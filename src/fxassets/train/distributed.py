@@ -29,7 +29,7 @@ from fxassets.core.atomic import atomic_path
 from fxassets.core.config import TrainConfig
 from fxassets.core.ray_cluster import check_resources, connect
 from fxassets.train.loop import FitResult, PairSet, Shard, fit
-from fxassets.train.state import Checkpointer, _rng_state, _set_rng_state
+from fxassets.train.state import Checkpointer, rng_state, set_rng_state
 
 RESULT = "ddp-result.pt"
 
@@ -67,7 +67,7 @@ def _worker(config: dict[str, Any]) -> None:
     p = ray.get(config["payload"])
     model, objective = p["model"], p["objective"]
     gen = torch.Generator()
-    _set_rng_state(p["rng"], gen)  # the driver's states right after it built the model: the stream one worker has
+    set_rng_state(p["rng"], gen)  # the driver's states right after it built the model: the stream one worker has
     cuda = cfg.gpus_per_worker > 0
     device = ray.train.torch.get_device() if cuda else torch.device("cpu")
     if cuda and objective.lpips is not None:  # the loss's own network beside the student (kornia's SSIM follows its input)
@@ -113,7 +113,7 @@ def fit_on_ray(model: nn.Module, train: PairSet, held: PairSet, cfg: TrainConfig
         folder.mkdir(parents=True, exist_ok=True)
         result_path = folder / RESULT
         result_path.unlink(missing_ok=True)
-        payload = ray.put({"model": model, "objective": objective, "train": train, "held": held, "rng": _rng_state(gen)})
+        payload = ray.put({"model": model, "objective": objective, "train": train, "held": held, "rng": rng_state(gen)})
         config = {"payload": payload, "cfg": cfg.model_dump(mode="json"), "state": str(state_dir) if state_dir else None,
                   "key": checkpointer.key, "every": checkpointer.every, "margin": margin, "progress": progress,
                   "result": str(result_path)}

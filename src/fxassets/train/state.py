@@ -64,7 +64,9 @@ def run_key(cfg: TrainConfig, manifest: Path, lpips_file: Path | None = None, en
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+def rng_state(gen: torch.Generator) -> dict[str, Any]:
+    """Every random stream a training draws from (the batch generator, torch's, Python's, NumPy's), as a resume
+    checkpoint or a Ray worker gets it."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "batches": gen.get_state(),
@@ -75,7 +77,8 @@ def _rng_state(gen: torch.Generator) -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+def set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+    """Put back the streams `rng_state` took."""
     gen.set_state(state["batches"])
     torch.set_rng_state(state["torch"])
     version, internal, gauss_next = state["python"]
@@ -128,7 +131,7 @@ class Checkpointer:
         """Write the checkpoint after `step` (atomically), then remove every other one."""
         assert self.folder is not None
         path = self.folder / f"step-{step:08d}"
-        state = {"step": step, "optimizer": opt.state_dict(), "rng": _rng_state(gen), "curve": list(curve),
+        state = {"step": step, "optimizer": opt.state_dict(), "rng": rng_state(gen), "curve": list(curve),
                  "losses": list(losses), "elapsed": float(elapsed), "objective": extra}
         with atomic_dir(path) as tmp:
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -155,7 +158,7 @@ class Checkpointer:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         opt.load_state_dict(state["optimizer"])
         objective.load_state_dict(state["objective"])
-        _set_rng_state(state["rng"], gen)
+        set_rng_state(state["rng"], gen)
         step = int(state["step"])
         log.warning("resuming from step %d (%s)", step, path)
         return Resumed(step, list(state["curve"]), list(state["losses"]), float(state["elapsed"]), path)

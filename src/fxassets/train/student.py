@@ -7,8 +7,8 @@ inverted-residual blocks; default none).  Head: a dense conv at half resolution 
 ``head_blocks`` inverted-residual blocks, default none), then a conv to 12 channels (``head_kernel``, 1 or 3: with 3
 each output sub-pixel also sees the neighbouring features, so the change does not jump between the 2x2 blocks) that
 ``pixel_shuffle(2)`` unfolds into a full-resolution RGB change (the last conv starts at zero, so a fresh student is
-the identity).  Class defaults are the older 3x3 / 1x1 head (checkpoints without the keys); params.yaml's are 1 / 3.  Output ``clamp(x + delta, 0, 1)``: the
-network learns the edit, the identity is free.
+the identity).  The class's defaults are the older 3x3 / 1x1 head (checkpoints without the keys); params.yaml's are
+1 / 3.  Output ``clamp(x + delta, 0, 1)``: the network learns the edit, the identity is free.
 
 Why this shape (benchmarks/bench_frontier.py, docs/student.md): int8 convolutions pay off for dense convs and barely
 for depthwise ones, so a decoder of plain 1x1 / 3x3 convs is ~2.5x faster in int8 than one of inverted-residual
