@@ -68,25 +68,32 @@ def chroma(rgb: np.ndarray) -> np.ndarray:
 TILE_PERIODS = (8, 16, 32)
 
 
+def _gradients(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Squared differences of neighbouring pixels of the grey image: dx[:, i] between columns i and i + 1, dy[i]
+    between rows i and i + 1."""
+    g = np.asarray(rgb, np.float32)
+    g = g.mean(axis=2) if g.ndim == 3 else g
+    return np.diff(g, axis=1) ** 2, np.diff(g, axis=0) ** 2
+
+
+def _across(dx: np.ndarray, dy: np.ndarray, period: int, on: bool) -> float:
+    """Mean energy across the boundaries on (`on`) or off a `period`-px grid: those before columns and rows that
+    are multiples of `period`."""
+    sel_x, sel_y = ((np.arange(1, n + 1) % period == 0) == on for n in (dx.shape[1], dy.shape[0]))
+    count = sel_x.sum() * dx.shape[0] + sel_y.sum() * dy.shape[1]
+    return float(dx[:, sel_x].sum() + dy[sel_y].sum()) / max(1, count)
+
+
 def tile_ratio(rgb: np.ndarray, periods: tuple[int, ...] = TILE_PERIODS) -> float:
     """How much an image's gradient energy sits on the boundaries of a `period`-px grid: mean squared difference
     between neighbouring pixels across those boundaries (rows and columns) over the same off the finest grid,
     the largest over `periods`.  ~1 for a photo or a teacher's output; a decoder that adds nearest-upsampled deep
     features shows its 16-32 px tiles as a ratio well above 1."""
-    g = np.asarray(rgb, np.float32)
-    g = g.mean(axis=2) if g.ndim == 3 else g
-    dx, dy = np.diff(g, axis=1) ** 2, np.diff(g, axis=0) ** 2  # dx[:, i]: between columns i and i + 1
-    fine = min(periods)
-    off_x, off_y = (np.arange(1, g.shape[1]) % fine) != 0, (np.arange(1, g.shape[0]) % fine) != 0
-    elsewhere = (dx[:, off_x].sum() + dy[off_y].sum()) / max(1, off_x.sum() * g.shape[0] + off_y.sum() * g.shape[1])
+    dx, dy = _gradients(rgb)
+    elsewhere = _across(dx, dy, min(periods), on=False)
     if elsewhere <= 0:
         return 1.0
-    ratios = []
-    for t in periods:
-        on_x, on_y = (np.arange(1, g.shape[1]) % t) == 0, (np.arange(1, g.shape[0]) % t) == 0
-        on = (dx[:, on_x].sum() + dy[on_y].sum()) / max(1, on_x.sum() * g.shape[0] + on_y.sum() * g.shape[1])
-        ratios.append(on / elsewhere)
-    return float(max(ratios))
+    return max(_across(dx, dy, t, on=True) for t in periods) / elsewhere
 
 
 def block_ratio(rgb: np.ndarray) -> float:
@@ -94,13 +101,9 @@ def block_ratio(rgb: np.ndarray) -> float:
     across the others: ~1 for a photo; a head whose pixel shuffle fills each 2x2 block from one half-resolution
     feature shows the blocks as a ratio above 1.  Every 8 / 16 / 32 px grid line is such a boundary, so
     `tile_ratio` sees the blocks too (docs/student.md, fourth round)."""
-    g = np.asarray(rgb, np.float32)
-    g = g.mean(axis=2) if g.ndim == 3 else g
-    dx, dy = np.diff(g, axis=1) ** 2, np.diff(g, axis=0) ** 2
-    ex, ey = (np.arange(1, g.shape[1]) % 2) == 0, (np.arange(1, g.shape[0]) % 2) == 0
-    even, odd = dx[:, ex].sum() + dy[ey].sum(), dx[:, ~ex].sum() + dy[~ey].sum()
-    n_even, n_odd = ex.sum() * g.shape[0] + ey.sum() * g.shape[1], (~ex).sum() * g.shape[0] + (~ey).sum() * g.shape[1]
-    return float(even / n_even / (odd / n_odd)) if odd > 0 and n_even and n_odd else 1.0
+    dx, dy = _gradients(rgb)
+    odd = _across(dx, dy, 2, on=False)
+    return _across(dx, dy, 2, on=True) / odd if odd > 0 else 1.0
 
 
 def pair_scores(student: np.ndarray, teacher: np.ndarray, source: np.ndarray) -> dict[str, float]:
@@ -116,6 +119,7 @@ def pair_scores(student: np.ndarray, teacher: np.ndarray, source: np.ndarray) ->
     recovered = 1.0 - mse_student / mse_input if mse_input > 0 else float("nan")
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)[None])).float() / 255.0  # noqa: E731
     c_s, c_t, c_x = chroma(student), chroma(teacher), chroma(source)
+    tiles, teacher_tiles = tile_ratio(student), tile_ratio(teacher)
     return {
         "psnr_db": psnr(student, teacher),
         "ssim": float(ssim_per_image(to_t(student), to_t(teacher))[0]),
@@ -124,11 +128,11 @@ def pair_scores(student: np.ndarray, teacher: np.ndarray, source: np.ndarray) ->
         "input_psnr_db": psnr(source, teacher),
         "input_chroma_error": float(np.mean(np.abs(c_x - c_t))),
         "teacher_chroma": float(np.mean(c_t)),
-        "tile_ratio": tile_ratio(student),
-        "teacher_tile_ratio": tile_ratio(teacher),
+        "tile_ratio": tiles,
+        "teacher_tile_ratio": teacher_tiles,
         # aligned crops put the eyes, nose and mouth at fixed places, some on grid lines, so a photo scores above 1
         # too: what the student adds on top of the teacher's own figure is the artifact
-        "tile_excess": tile_ratio(student) / max(tile_ratio(teacher), 1e-6),
+        "tile_excess": tiles / max(teacher_tiles, 1e-6),
         "block_excess": block_ratio(student) / max(block_ratio(teacher), 1e-6),
     }
 

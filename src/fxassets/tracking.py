@@ -3,8 +3,8 @@ track is lost; in between, run the Face Mesh on a region of interest (ROI) from 
 the alignment keypoints over time with a One Euro filter so that the effect does not jitter.
 
 - `FaceMesh`: MediaPipe's `face_landmark.tflite` (468 points on a 192 x 192 crop, and a face-presence score) in
-  the LiteRT interpreter (`ai-edge-litert`, XNNPACK, one thread: a call 1.5 ms against 3.1 in OpenCV's TFLite
-  importer on an Intel Xeon, the same landmarks to 2e-4 px; benchmarks/bench_tracking.py, docs/mobile.md).
+  the LiteRT interpreter (`ai-edge-litert`, XNNPACK, one thread: a call 1.6 ms against 3.0 in OpenCV's TFLite
+  importer on one thread, Intel Xeon; the same landmarks to 2e-4 px; benchmarks/bench_tracking.py, docs/mobile.md).
 - `mesh_keypoints`: the four alignment keypoints (eyes, nose tip, mouth) from the mesh, shifted onto the
   detector's convention (`MESH_TO_DETECTOR`, measured on the sample portraits: the student was trained on crops
   aligned from the detector's keypoints).
